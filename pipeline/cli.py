@@ -1,0 +1,180 @@
+"""The ``molmat`` command line: one subcommand per stage.
+
+Every subcommand takes ``--config FILE`` and repeatable ``--set a.b=value``. Errors the user must
+fix exit with status 2 and one line on stderr (``molmat: error: ...``); no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pipeline import MolmatError, __version__
+from pipeline.config import Config, load_config
+
+log = logging.getLogger("molmat")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (default: the config.yaml shipped with molmat)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set preprocess.crystal.cutoff=6 (repeatable)")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+# ------------------------------------------------------------------------------------ preprocess
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """``molmat preprocess SOURCE... --out DIR`` (or ``--merge PART_DIR... --out DIR``)."""
+    from pipeline.preprocess import merge, preprocess, summarize_rejects
+
+    cfg = _config(args)
+    if args.merge:
+        summary = merge(args.merge, args.out, cfg)
+    else:
+        if not args.sources:
+            raise MolmatError("preprocess needs at least one SOURCE (file, directory or archive)")
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+        summary = preprocess(args.sources, args.out, cfg, fmt=args.format, labels=args.labels, targets=targets,
+                             workers=args.workers, part=args.part, parts=args.parts)
+    print(f"wrote {summary.records} records in {summary.shards} shard(s) to {summary.out} "
+          f"({summary.rejected} rejected, {summary.seconds:.1f} s)")
+    print("targets: " + ", ".join(f"{t['name']} [{t['unit']}]" for t in summary.targets))
+    if summary.rejected:
+        for line in summarize_rejects(summary.out):
+            print(f"  rejected: {line}")
+        print(f"  full list: {Path(summary.out) / 'rejects.jsonl'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``molmat inspect DIR [--verify]``: counts, targets, stats, rejects; optional full checksum pass."""
+    from pipeline.preprocess import summarize_rejects
+    from pipeline.shards import STATS, load_manifest, verify
+
+    manifest = load_manifest(args.dir)
+    stats = json.loads((Path(args.dir) / STATS).read_text())
+    print(f"{args.dir}: {manifest['records']} records in {len(manifest['shards'])} shard(s), "
+          f"{manifest['rejected']} rejected; format v{manifest['format_version']}, molmat {manifest['code_version']}")
+    for inp in manifest["inputs"][:5]:
+        print(f"  input {inp['path']} ({inp['format']}, sha256 {inp['sha256'][:12]})")
+    if len(manifest["inputs"]) > 5:
+        print(f"  ... {len(manifest['inputs']) - 5} more input files")
+    print("targets:")
+    for name, t in stats["targets"].items():
+        print(f"  {name:32s} [{t['unit']}]  n={t['count']:<7d} mean={t['mean']:.6g} std={t['std']:.6g}")
+    pg = stats["per_graph"]
+    print(f"atoms/graph mean {pg['atoms']['mean']:.1f} (min {pg['atoms']['min']}, max {pg['atoms']['max']}); "
+          f"bonds/graph {pg['bonds']['mean']:.1f}; neighbour edges/graph {pg['neighbors']['mean']:.1f}")
+    top = sorted(stats["elements"].items(), key=lambda kv: -kv[1])[:12]
+    print("elements: " + ", ".join(f"{el} {n}" for el, n in top) + (" ..." if len(stats["elements"]) > 12 else ""))
+    for line in summarize_rejects(args.dir):
+        print(f"  rejected: {line}")
+    if args.verify:
+        checked, problems = verify(args.dir)
+        if problems:
+            for p in problems[:20]:
+                print(f"molmat: verify: {p}", file=sys.stderr)
+            print(f"molmat: error: verify failed: {len(problems)} problem(s), {checked} records read fine", file=sys.stderr)
+            return 1
+        print(f"verify: all {checked} records read back and match their checksums")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- run
+def _project_path(path: str) -> str:
+    """A relative path from the config as given if it exists here, else relative to the molmat checkout.
+
+    So that ``molmat run`` with the default config finds the shipped samples from any directory.
+    """
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(p)
+    candidate = Path(__file__).resolve().parent.parent / p
+    return str(candidate) if candidate.exists() else str(p)
+
+
+STAGES: dict[str, Callable[[Config, Path], None]] = {}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``molmat run``: every stage in order on the datasets named in the config's ``run`` section."""
+    from pipeline.config import write_resolved
+    from pipeline.preprocess import preprocess
+
+    cfg = _config(args)
+    out = Path(args.out or cfg.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+    if not cfg.run.datasets:
+        raise MolmatError("config has no run.datasets; nothing to run")
+    for ds in cfg.run.datasets:
+        data_dir = out / "data" / ds.name
+        sources = [_project_path(s) for s in ds.sources]
+        labels = _project_path(ds.labels) if ds.labels else None
+        summary = preprocess(sources, data_dir, cfg, fmt=ds.format, labels=labels, targets=ds.targets)
+        print(f"[preprocess] {ds.name}: {summary.records} records, {summary.rejected} rejected, "
+              f"{summary.shards} shard(s) -> {data_dir} ({summary.seconds:.1f} s)")
+    for name, stage in STAGES.items():
+        stage(cfg, out)
+    print(f"run finished: outputs in {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="molmat", description="Graph learning for molecules and crystals.")
+    parser.add_argument("--version", action="version", version=f"molmat {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preprocess", help="raw files -> LMDB graph shards")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="file, directory or archive")
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--labels", help="labels CSV (CIF directory/archive, SDF)")
+    p.add_argument("--format", help="input format (qm9_xyz, sdf, smiles_csv, cif, pymatgen_json); default: detect")
+    p.add_argument("--targets", help="comma-separated label names to keep")
+    p.add_argument("--workers", type=int, help="worker processes (default from config)")
+    p.add_argument("--part", type=int, default=0, help="process part I of --parts N (Slurm array index)")
+    p.add_argument("--parts", type=int, default=1, help="number of parts")
+    p.add_argument("--merge", nargs="+", metavar="PART_DIR", help="merge finished part directories into --out")
+    _common(p)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("inspect", help="summarise a shard directory; --verify checks every record")
+    p.add_argument("dir")
+    p.add_argument("--verify", action="store_true", help="re-read every record and check its checksum")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="all stages on the datasets in the config (the shipped samples by default)")
+    p.add_argument("--out", help="run directory (default: run.out from the config)")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except MolmatError as exc:
+        print(f"molmat: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("molmat: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

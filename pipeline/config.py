@@ -1,0 +1,177 @@
+"""Typed schema of ``config.yaml``, loading, ``--set a.b=value`` overrides, resolved copies.
+
+Every section forbids unknown keys, so a typo is an error naming the key instead of a silently
+ignored setting. Values given with ``--set`` are parsed as YAML scalars/lists (``--set
+train.lr=3e-4``, ``--set finetune.targets=[gap_Ha,homo_Ha]``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline import MolmatError
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys and wrong types are rejected."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MoleculeFeaturization(_Section):
+    """How molecules become graphs."""
+
+    cutoff: float = Field(5.0, gt=0, description="radius (Angstrom) of the 3D neighbour graph")
+    conformers: int = Field(0, ge=0, description="extra RDKit ETKDG conformers per molecule")
+    embed_smiles: bool = Field(True, description="generate 3D coordinates (ETKDG) for SMILES input")
+    seed: int = 0
+
+
+class CrystalFeaturization(_Section):
+    """How crystals become periodic neighbour graphs."""
+
+    cutoff: float = Field(8.0, gt=0, description="neighbour cutoff radius (Angstrom)")
+    max_neighbors: int = Field(12, ge=1, description="keep the nearest N neighbours of each atom")
+
+
+class PreprocessConfig(_Section):
+    """The ``preprocess`` stage: raw files to LMDB shards."""
+
+    format: str = Field("auto", description="input format name or 'auto' (detected from file names)")
+    targets: list[str] | None = Field(None, description="label columns to keep (default: all declared)")
+    units: dict[str, str] = Field(default_factory=dict, description="unit per target, overrides the source's")
+    shard_size: int = Field(10000, ge=1)
+    workers: int = Field(2, ge=0, description="featurisation processes; 0 = in the main process")
+    chunk_size: int = Field(64, ge=1, description="records per task sent to a worker")
+    molecule: MoleculeFeaturization = Field(default_factory=MoleculeFeaturization)
+    crystal: CrystalFeaturization = Field(default_factory=CrystalFeaturization)
+
+
+class SplitConfig(_Section):
+    """Deterministic train/val/test split written next to the shards."""
+
+    method: Literal["random", "scaffold"] = "random"
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+
+
+class SourceSpec(_Section):
+    """One dataset that ``molmat run`` preprocesses."""
+
+    name: str
+    sources: list[str]
+    format: str = "auto"
+    labels: str | None = None
+    targets: list[str] | None = None
+
+
+class RunConfig(_Section):
+    """The ``run`` command: every stage in order on the configured datasets."""
+
+    out: str = "runs/sample"
+    datasets: list[SourceSpec] = Field(default_factory=list)
+
+
+class Config(_Section):
+    """The whole configuration; one section per stage."""
+
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and YAML-parsed value."""
+    if "=" not in item:
+        raise MolmatError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise MolmatError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise MolmatError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=value`` override applied."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise MolmatError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    """One readable line per problem, naming the dotted key."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+    return f"invalid config ({origin}): " + "; ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "config") -> Config:
+    """Validate plain data into a :class:`Config`, raising MolmatError naming bad keys."""
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as exc:
+        raise MolmatError(_format_validation_error(exc, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the project's ``config.yaml`` by default) and apply overrides.
+
+    Args:
+        path: YAML file; None means the default config shipped with molmat.
+        overrides: ``a.b=value`` strings applied in order after loading.
+    Returns:
+        The validated configuration.
+    Raises:
+        MolmatError: missing file, invalid YAML, unknown key or wrong type.
+    """
+    cfg_path = Path(path) if path else DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            data = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MolmatError(f"{cfg_path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise MolmatError(f"{cfg_path}: expected a mapping of sections at the top level")
+    elif path:
+        raise MolmatError(f"config file {cfg_path} does not exist")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, origin=str(cfg_path))
+
+
+def write_resolved(config: Config, out_dir: str | Path, name: str = "config.resolved.yaml") -> Path:
+    """Write the fully resolved config into an output directory and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / name
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(target)
+    return target

@@ -1,0 +1,418 @@
+"""Raw records to plain numpy arrays (the content of one shard record).
+
+Molecules get an RDKit bond graph with Gilmer-style atom and bond features, 3D coordinates in
+the *same atom order* as the graph, a 3D neighbour graph within a cutoff, optional extra ETKDG
+conformers, canonical SMILES and Bemis-Murcko scaffold. Crystals get a pymatgen periodic
+neighbour list (cutoff, nearest ``max_neighbors``) with integer image offsets, so that every
+distance can be recomputed exactly as ``|pos[src] + image @ cell - pos[dst]|``.
+
+Features are stored as small integer columns (see :data:`ATOM_COLUMNS`, :data:`BOND_COLUMNS`);
+:mod:`pipeline.graphs` expands them to one-hot vectors. Anything wrong with one record raises
+:class:`RecordError`, which the preprocessing driver turns into a line of ``rejects.jsonl``.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import PreprocessConfig
+from pipeline.readers import QM9_PROPERTIES, RawRecord
+
+#: Version of the featurisation below; models refuse shards made with another one.
+FEATURIZATION_VERSION = 1
+#: Largest atomic number the element embedding covers (H..Pu, all of Materials Project).
+MAX_Z = 94
+#: Integer atom feature columns stored in ``atom_feat`` (N, 8), int8.
+ATOM_COLUMNS = ("Z", "aromatic", "hybridization", "num_h", "donor", "acceptor", "formal_charge", "in_ring")
+#: Hybridisation codes: 0 other/none, 1 sp, 2 sp2, 3 sp3, 4 sp3d, 5 sp3d2.
+#: Integer bond feature columns stored in ``bond_feat`` (E, 3), int8; bond type 1/2/3, 4 aromatic.
+BOND_COLUMNS = ("bond_type", "conjugated", "in_ring")
+
+
+class RecordError(Exception):
+    """A record that cannot be used; the message is the reason written to rejects.jsonl."""
+
+
+_FORTRAN_EXP = re.compile(r"\*\^")
+
+
+def _qm9_float(token: str) -> float:
+    """Parse a QM9 number, accepting Fortran-style exponents such as ``1.2*^-6``."""
+    return float(_FORTRAN_EXP.sub("e", token))
+
+
+def parse_labels(raw: dict[str, Any], targets: list[str]) -> np.ndarray:
+    """Convert raw label values to float64 in target order; missing values become NaN.
+
+    Raises:
+        RecordError: a value is present but not a number.
+    """
+    y = np.full(len(targets), np.nan, dtype=np.float64)
+    for i, name in enumerate(targets):
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            y[i] = float(value)
+            continue
+        text = str(value).strip()
+        if text == "" or text.lower() in ("nan", "na", "n/a", "none", "null"):
+            continue
+        try:
+            y[i] = _qm9_float(text)
+        except ValueError:
+            raise RecordError(f"label '{name}' is not a number: {text!r}") from None
+    return y
+
+
+# ------------------------------------------------------------------------------------ molecules
+_RDKIT: dict[str, Any] = {}
+
+
+def _rdkit() -> dict[str, Any]:
+    """Import RDKit lazily once per process and compile the donor/acceptor SMARTS."""
+    if not _RDKIT:
+        from rdkit import Chem, RDLogger
+        from rdkit.Chem import AllChem, rdDetermineBonds
+        from rdkit.Chem.Scaffolds import MurckoScaffold
+
+        RDLogger.DisableLog("rdApp.*")
+        _RDKIT.update(
+            Chem=Chem, AllChem=AllChem, rdDetermineBonds=rdDetermineBonds, Murcko=MurckoScaffold,
+            # Donor/acceptor definitions follow RDKit's BaseFeatures.fdef (as used by Gilmer et al.).
+            donor=Chem.MolFromSmarts("[$([N;!H0;v3]),$([N;!H0;+1;v4]),$([O,S;H1;+0]),$([n;H1;+0])]"),
+            acceptor=Chem.MolFromSmarts(
+                "[$([O,S;H1;v2]-[!$(*=[O,N,P,S])]),$([O,S;H0;v2]),$([O,S;-]),$([O,S;H0;v1]),"
+                "$([o,s;+0;!$([o,s]:n);!$([o,s]:c:n)]),$([n;H0;+0]),$([N;H0;+0;$(N#[C,N])]),"
+                "$([N;H0;v3;+0;!$(N-[C,S,P]=[O,N,S])]),$([F;+0])]"),
+            hyb={"SP": 1, "SP2": 2, "SP3": 3, "SP3D": 4, "SP3D2": 5},
+            ptable=Chem.GetPeriodicTable(),
+        )
+    return _RDKIT
+
+
+def _check_elements(z: np.ndarray, symbols: list[str] | None = None) -> None:
+    bad = np.flatnonzero((z < 1) | (z > MAX_Z))
+    if bad.size:
+        i = int(bad[0])
+        sym = symbols[i] if symbols else str(int(z[i]))
+        raise RecordError(f"element {sym} (Z={int(z[i])}) at atom {i} is outside the supported table (Z 1-{MAX_Z})")
+
+
+def _parse_xyz(text: str) -> tuple[list[str], np.ndarray, list[str], str | None]:
+    """Split an (extended, QM9) xyz text into symbols, positions, comment tokens and SMILES."""
+    lines = text.splitlines()
+    try:
+        n = int(lines[0].split()[0])
+    except (IndexError, ValueError):
+        raise RecordError("xyz: first line is not an atom count") from None
+    if n <= 0 or len(lines) < n + 2:
+        raise RecordError(f"xyz: truncated file: {n} atoms declared, {max(len(lines) - 2, 0)} atom lines present")
+    symbols: list[str] = []
+    pos = np.empty((n, 3), dtype=np.float64)
+    for i in range(n):
+        parts = lines[2 + i].split()
+        if len(parts) < 4:
+            raise RecordError(f"xyz: atom line {i + 1} has {len(parts)} fields, expected element x y z")
+        symbols.append(parts[0])
+        try:
+            pos[i] = [_qm9_float(t) for t in parts[1:4]]
+        except ValueError:
+            raise RecordError(f"xyz: atom line {i + 1}: coordinates are not numbers: {parts[1:4]}") from None
+    smiles = None
+    if len(lines) > n + 3:
+        cols = lines[n + 3].split()
+        smiles = cols[-1] if cols else None  # QM9: GDB SMILES, then relaxed-geometry SMILES
+    return symbols, pos, lines[1].split(), smiles
+
+
+def _qm9_labels(comment: list[str]) -> dict[str, Any]:
+    """QM9 line 2: ``gdb <index>`` then the 15 properties."""
+    if len(comment) >= 17 and comment[0] == "gdb":
+        return {name: comment[2 + i] for i, (name, _) in enumerate(QM9_PROPERTIES)}
+    return {}
+
+
+def _generic(mol: Any) -> Any:
+    """Copy of ``mol`` with only elements and connectivity: single bonds, no charges/aromaticity."""
+    Chem = _rdkit()["Chem"]
+    rw = Chem.RWMol(mol)
+    for b in rw.GetBonds():
+        b.SetBondType(Chem.BondType.SINGLE)
+        b.SetIsAromatic(False)
+    for a in rw.GetAtoms():
+        a.SetFormalCharge(0)
+        a.SetIsAromatic(False)
+    return rw.GetMol()
+
+
+def _mol_from_xyz(symbols: list[str], pos: np.ndarray, smiles: str | None) -> Any:
+    """RDKit molecule in xyz atom order with bonds, orders and charges from the SMILES.
+
+    The SMILES order differs from the xyz order. The SMILES graph (with H) is matched onto the
+    distance-based connectivity of the xyz atoms, then renumbered into xyz order, so the graph
+    is exactly the SMILES graph and atom i is xyz atom i. Strained rings whose non-bonded
+    contacts look like bonds (bicyclo[1.1.1]pentanes) still match, because the SMILES graph only
+    needs to be a subgraph of the geometric one. Without a usable SMILES, bond orders are
+    inferred from the geometry.
+    """
+    rd = _rdkit()
+    Chem = rd["Chem"]
+    block = f"{len(symbols)}\n\n" + "\n".join(
+        f"{s} {x:.10f} {y:.10f} {z:.10f}" for s, (x, y, z) in zip(symbols, pos))
+    template = Chem.MolFromSmiles(smiles) if smiles else None
+    if template is not None:
+        template = Chem.AddHs(template)
+    if template is not None and template.GetNumAtoms() == len(symbols):
+        query = _generic(template)
+        for cov_factor in (1.3, 1.45):  # a longer bond than usual needs a looser cutoff
+            geom = Chem.MolFromXYZBlock(block)
+            if geom is None:
+                break
+            rd["rdDetermineBonds"].DetermineConnectivity(geom, covFactor=cov_factor)
+            match = geom.GetSubstructMatch(query)
+            if match:
+                order = [0] * len(match)
+                for k, i in enumerate(match):
+                    order[i] = k
+                return Chem.RenumberAtoms(template, order)
+    mol = Chem.MolFromXYZBlock(block)
+    if mol is None:
+        raise RecordError("xyz: RDKit could not read the atoms (unknown element symbol?)")
+    try:
+        rd["rdDetermineBonds"].DetermineBonds(mol, charge=0)
+    except Exception as exc:  # RDKit raises plain RuntimeError/ValueError here
+        why = "SMILES does not match the geometry" if template is not None else "no SMILES in the file"
+        raise RecordError(f"xyz: {why}, and bond orders from geometry failed ({str(exc).splitlines()[0]})") from None
+    return mol
+
+
+def _molecule_arrays(mol: Any, pos: np.ndarray | None, cfg: PreprocessConfig) -> dict[str, Any]:
+    """Atom/bond features, neighbour graph, conformers, SMILES and scaffold of an RDKit molecule."""
+    rd = _rdkit()
+    Chem = rd["Chem"]
+    n = mol.GetNumAtoms()
+    z = np.fromiter((a.GetAtomicNum() for a in mol.GetAtoms()), dtype=np.int64, count=n)
+    _check_elements(z, [a.GetSymbol() for a in mol.GetAtoms()])
+    donors = {m[0] for m in mol.GetSubstructMatches(rd["donor"])}
+    acceptors = {m[0] for m in mol.GetSubstructMatches(rd["acceptor"])}
+    feat = np.zeros((n, len(ATOM_COLUMNS)), dtype=np.int8)
+    hyb = rd["hyb"]
+    for a in mol.GetAtoms():
+        i = a.GetIdx()
+        feat[i] = (z[i], a.GetIsAromatic(), hyb.get(str(a.GetHybridization()), 0), a.GetTotalNumHs(includeNeighbors=True),
+                   i in donors, i in acceptors, a.GetFormalCharge(), a.IsInRing())
+    nb = mol.GetNumBonds()
+    bond_index = np.zeros((2, nb), dtype=np.int32)
+    bond_feat = np.zeros((nb, len(BOND_COLUMNS)), dtype=np.int8)
+    for b in mol.GetBonds():
+        k = b.GetIdx()
+        bond_index[:, k] = (b.GetBeginAtomIdx(), b.GetEndAtomIdx())
+        order = 4 if b.GetIsAromatic() else int(round(b.GetBondTypeAsDouble()))
+        bond_feat[k] = (order, b.GetIsConjugated(), b.IsInRing())
+    try:
+        heavy = Chem.RemoveHs(mol)
+        smiles = Chem.MolToSmiles(heavy)
+        scaffold = rd["Murcko"].MurckoScaffoldSmiles(mol=heavy)
+    except Exception:  # scaffolds of odd valence states; the molecule itself is fine
+        smiles, scaffold = Chem.MolToSmiles(mol), ""
+    out: dict[str, Any] = {"z": z.astype(np.uint8), "atom_feat": feat, "bond_index": bond_index,
+                           "bond_feat": bond_feat, "_smiles": smiles, "_scaffold": scaffold}
+    if pos is not None:
+        out["pos"] = pos.astype(np.float64)
+        src, dst = molecule_neighbours(pos, cfg.molecule.cutoff)
+        out["nbr_index"] = np.stack([src, dst]).astype(np.int32)
+        out["nbr_image"] = np.zeros((src.size, 3), dtype=np.int8)
+    if cfg.molecule.conformers > 0:
+        out["conformers"] = _extra_conformers(mol, cfg.molecule.conformers, cfg.molecule.seed)
+    return out
+
+
+def molecule_neighbours(pos: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Directed pairs (src, dst), src != dst, closer than ``cutoff``; sorted by (dst, src)."""
+    d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    dst, src = np.nonzero(d < cutoff)
+    return src, dst
+
+
+def _extra_conformers(mol: Any, count: int, seed: int) -> np.ndarray:
+    """``count`` ETKDG conformers (K, N, 3) float32 in the molecule's atom order."""
+    rd = _rdkit()
+    copy = rd["Chem"].Mol(mol)
+    copy.RemoveAllConformers()
+    params = rd["AllChem"].ETKDGv3()
+    params.randomSeed = seed
+    params.numThreads = 1
+    ids = list(rd["AllChem"].EmbedMultipleConfs(copy, numConfs=count, params=params))
+    confs = [copy.GetConformer(i).GetPositions() for i in ids]
+    return np.asarray(confs, dtype=np.float32).reshape(len(confs), mol.GetNumAtoms(), 3)
+
+
+def _embed(mol: Any, seed: int) -> np.ndarray:
+    """One ETKDG conformer for a molecule from SMILES (with explicit Hs)."""
+    rd = _rdkit()
+    params = rd["AllChem"].ETKDGv3()
+    params.randomSeed = seed
+    params.numThreads = 1
+    if rd["AllChem"].EmbedMolecule(mol, params) != 0:
+        params.useRandomCoords = True
+        if rd["AllChem"].EmbedMolecule(mol, params) != 0:
+            raise RecordError("RDKit ETKDG could not generate 3D coordinates")
+    return mol.GetConformer().GetPositions()
+
+
+def featurize_molecule(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Molecule record to arrays; returns (arrays, raw labels)."""
+    rd = _rdkit()
+    Chem = rd["Chem"]
+    labels = raw.labels
+    if raw.fmt == "xyz":
+        symbols, pos, comment, smiles = _parse_xyz(raw.data)
+        ptable = rd["ptable"]
+        for i, s in enumerate(symbols):
+            try:
+                zi = ptable.GetAtomicNumber(s)
+            except Exception:
+                raise RecordError(f"xyz: unknown element symbol {s!r} at atom {i}") from None
+            if zi > MAX_Z:
+                raise RecordError(f"element {s} (Z={zi}) at atom {i} is outside the supported table (Z 1-{MAX_Z})")
+        mol = _mol_from_xyz(symbols, pos, smiles)
+        try:
+            Chem.SanitizeMol(mol)
+        except Exception as exc:
+            raise RecordError(f"xyz: RDKit could not sanitize the molecule ({str(exc).splitlines()[0]})") from None
+        labels = labels or _qm9_labels(comment)
+    elif raw.fmt == "molblock":
+        mol = Chem.MolFromMolBlock(raw.data, removeHs=False, sanitize=True)
+        if mol is None:
+            raise RecordError("SDF: RDKit could not parse or sanitize the molblock")
+        pos = mol.GetConformer().GetPositions() if mol.GetNumConformers() else None
+    elif raw.fmt == "smiles":
+        smi = (raw.data or "").strip()
+        base = Chem.MolFromSmiles(smi) if smi else None
+        if base is None:
+            raise RecordError(f"RDKit rejected the SMILES {smi!r}")
+        mol = Chem.AddHs(base)
+        pos = _embed(mol, cfg.molecule.seed) if cfg.molecule.embed_smiles else None
+    else:
+        raise RecordError(f"unsupported molecule payload '{raw.fmt}'")
+    if mol.GetNumAtoms() == 0:
+        raise RecordError("molecule has no atoms")
+    return _molecule_arrays(mol, pos, cfg), labels
+
+
+# ------------------------------------------------------------------------------------- crystals
+def _structure(raw: RawRecord) -> Any:
+    """pymatgen Structure from a CIF text or a structure dict."""
+    from pymatgen.core import Structure
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if raw.fmt == "cif":
+                return Structure.from_str(raw.data, fmt="cif")
+            if raw.fmt == "pymatgen":
+                if not isinstance(raw.data, dict):
+                    raise RecordError("pymatgen JSON: entry is not a structure dict")
+                return Structure.from_dict(raw.data)
+        except RecordError:
+            raise
+        except Exception as exc:  # pymatgen raises many types (ValueError, KeyError, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RecordError(f"{raw.fmt}: could not parse a structure ({first[:200]})") from None
+    raise RecordError(f"unsupported crystal payload '{raw.fmt}'")
+
+
+def periodic_neighbours(cart: np.ndarray, cell: np.ndarray, structure: Any, cutoff: float,
+                        max_neighbors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest ``max_neighbors`` periodic neighbours within ``cutoff`` for every atom.
+
+    Returns:
+        src (E,), dst (E,) atom indices and image (E, 3) integer offsets such that the edge
+        vector is ``cart[src] + image @ cell - cart[dst]``. Ties are broken by distance rounded
+        to 1e-8 A, then neighbour index, then image, so the result is deterministic.
+    """
+    center, point, images, dist = structure.get_neighbor_list(r=cutoff, numerical_tol=1e-8, exclude_self=True)
+    if center.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 3), np.int64)
+    images = np.rint(images).astype(np.int64)
+    order = np.lexsort((images[:, 2], images[:, 1], images[:, 0], point, np.round(dist, 8), center))
+    center, point, images = center[order], point[order], images[order]
+    # rank within each centre's (sorted) block
+    starts = np.r_[0, np.flatnonzero(np.diff(center)) + 1]
+    rank = np.arange(center.size) - np.repeat(starts, np.diff(np.r_[starts, center.size]))
+    keep = rank < max_neighbors
+    return point[keep].astype(np.int64), center[keep].astype(np.int64), images[keep]
+
+
+def featurize_crystal(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Crystal record to arrays; returns (arrays, raw labels)."""
+    s = _structure(raw)
+    if not s.is_ordered:
+        raise RecordError("disordered structure (partial occupancies) is not supported")
+    z = np.array([site.specie.Z for site in s], dtype=np.int64)
+    _check_elements(z, [site.specie.symbol for site in s])
+    cell = np.array(s.lattice.matrix, dtype=np.float64)
+    cart = np.array(s.cart_coords, dtype=np.float64)
+    if abs(np.linalg.det(cell)) < 1e-6:
+        raise RecordError("lattice has zero volume")
+    src, dst, image = periodic_neighbours(cart, cell, s, cfg.crystal.cutoff, cfg.crystal.max_neighbors)
+    lonely = np.setdiff1d(np.arange(len(z)), dst)
+    if lonely.size:
+        raise RecordError(f"atom {int(lonely[0])} ({s[int(lonely[0])].specie.symbol}) has no neighbour within "
+                          f"{cfg.crystal.cutoff} A (increase preprocess.crystal.cutoff)")
+    feat = np.zeros((len(z), len(ATOM_COLUMNS)), dtype=np.int8)
+    feat[:, 0] = z
+    arrays = {"z": z.astype(np.uint8), "atom_feat": feat, "pos": cart, "cell": cell,
+              "nbr_index": np.stack([src, dst]).astype(np.int32), "nbr_image": image.astype(np.int8),
+              "_formula": s.composition.reduced_formula}
+    return arrays, raw.labels
+
+
+def featurize(raw: RawRecord, targets: list[str], cfg: PreprocessConfig) -> dict[str, Any]:
+    """One raw record to the arrays and metadata of a shard record.
+
+    Returns a dict of numpy arrays plus string metadata under keys starting with ``_``
+    (``_id``, ``_kind``, ``_source``, ``_smiles``, ``_scaffold``, ``_formula``) and ``y`` (T,)
+    float64 labels in ``targets`` order (NaN = missing).
+
+    Raises:
+        RecordError: the record cannot be used; the message says why.
+    """
+    if raw.kind == "molecule":
+        arrays, labels = featurize_molecule(raw, cfg)
+    elif raw.kind == "crystal":
+        arrays, labels = featurize_crystal(raw, cfg)
+    else:
+        raise RecordError(f"unknown record kind '{raw.kind}'")
+    arrays["y"] = parse_labels(labels, targets)
+    if "pos" in arrays and not np.all(np.isfinite(arrays["pos"])):
+        raise RecordError("coordinates contain NaN or infinity")
+    arrays["_id"] = raw.rid
+    arrays["_kind"] = raw.kind
+    arrays["_source"] = raw.source
+    return arrays
+
+
+def featurization_spec(cfg: PreprocessConfig) -> dict[str, Any]:
+    """What a model must agree with to read shards: versions, columns, cutoffs, element table."""
+    return {
+        "featurization_version": FEATURIZATION_VERSION,
+        "atom_columns": list(ATOM_COLUMNS),
+        "bond_columns": list(BOND_COLUMNS),
+        "max_z": MAX_Z,
+        "molecule_cutoff": cfg.molecule.cutoff,
+        "crystal_cutoff": cfg.crystal.cutoff,
+        "crystal_max_neighbors": cfg.crystal.max_neighbors,
+        "conformers": cfg.molecule.conformers,
+    }
+
+
+def is_finite_number(x: Any) -> bool:
+    """True for a real, finite number."""
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,188 @@
+"""Shard records to batched ``dgl.DGLGraph`` objects: the only module that builds DGL graphs.
+
+:func:`collate` concatenates the arrays of a list of records and builds each batched graph with
+one ``dgl.graph`` call (setting the per-graph node/edge counts), which is much faster than
+building one graph per record and calling ``dgl.batch``.
+
+Feature expansion (the integer columns stored in shards to float vectors):
+
+* atom features ``x`` (N, ATOM_DIM): one-hot element (Z 1..94, index 0 = unknown), aromatic,
+  one-hot hybridisation (6), one-hot H count 0..4 (5), donor, acceptor, formal charge (scalar),
+  in ring, and a molecule/crystal flag.
+* bond features ``e`` (E, BOND_DIM): one-hot single/double/triple/aromatic, conjugated, in ring,
+  and a 'neighbour edge' flag for crystal graphs (whose 2D view has no chemical bonds).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
+import dgl
+
+from pipeline.featurize import MAX_Z
+
+ATOM_DIM = (MAX_Z + 1) + 1 + 6 + 5 + 1 + 1 + 1 + 1 + 1
+BOND_DIM = 4 + 1 + 1 + 1
+
+
+@dataclass
+class GraphBatch:
+    """A collated batch.
+
+    Attributes:
+        g2d: bond graph (molecules; both directions) or neighbour topology (crystals), with
+            ndata ``x`` (N, ATOM_DIM) and ``z`` (N,) and edata ``e`` (E, BOND_DIM).
+        g3d: 3D neighbour graph or None when a record has no coordinates; ndata ``z`` (N,),
+            ``pos`` (N, 3) float32; edata ``image`` (E, 3) float32 lattice offsets of the source
+            atom; ``cell`` (B, 3, 3) holds each graph's lattice (zeros for molecules), so edge
+            vectors are ``pos[src] + image @ cell[graph] - pos[dst]``.
+        cell: (B, 3, 3) float32.
+        y: (B, T) float32 targets in source units, 0 where missing.
+        mask: (B, T) bool, True where a label exists.
+        n_atoms: (B,) int64 atoms per graph.
+        conformers: list per record of (K, N_i, 3) float32 arrays (extra conformers) or None.
+        ids, kinds, smiles: per-record metadata; index: global record indices.
+    """
+
+    g2d: dgl.DGLGraph
+    g3d: dgl.DGLGraph | None
+    cell: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    n_atoms: torch.Tensor
+    ids: list[str]
+    kinds: list[str]
+    index: list[int] = field(default_factory=list)
+    smiles: list[str] = field(default_factory=list)
+    conformers: list[np.ndarray | None] = field(default_factory=list)
+
+    @property
+    def num_graphs(self) -> int:
+        """Number of structures in the batch."""
+        return len(self.ids)
+
+    def to(self, device: torch.device | str) -> "GraphBatch":
+        """Move graphs and tensors to ``device`` (returns a new batch)."""
+        return GraphBatch(self.g2d.to(device), None if self.g3d is None else self.g3d.to(device),
+                          self.cell.to(device), self.y.to(device), self.mask.to(device), self.n_atoms.to(device),
+                          self.ids, self.kinds, self.index, self.smiles, self.conformers)
+
+
+_HYB_OFFSET = MAX_Z + 2
+_NH_OFFSET = _HYB_OFFSET + 6
+_TAIL = _NH_OFFSET + 5
+
+
+def atom_features(atom_feat: np.ndarray, is_crystal: np.ndarray) -> np.ndarray:
+    """Expand stored integer atom columns (N, 8) to float32 features (N, ATOM_DIM)."""
+    n = atom_feat.shape[0]
+    x = np.zeros((n, ATOM_DIM), dtype=np.float32)
+    rows = np.arange(n)
+    z = atom_feat[:, 0].astype(np.int64)
+    x[rows, np.where((z >= 1) & (z <= MAX_Z), z, 0)] = 1.0
+    x[:, MAX_Z + 1] = atom_feat[:, 1]
+    x[rows, _HYB_OFFSET + np.clip(atom_feat[:, 2], 0, 5)] = 1.0
+    x[rows, _NH_OFFSET + np.clip(atom_feat[:, 3], 0, 4)] = 1.0
+    x[:, _TAIL] = atom_feat[:, 4]
+    x[:, _TAIL + 1] = atom_feat[:, 5]
+    x[:, _TAIL + 2] = atom_feat[:, 6]
+    x[:, _TAIL + 3] = atom_feat[:, 7]
+    x[:, _TAIL + 4] = is_crystal
+    # crystals carry only the element column: hybridisation/H-count one-hots stay empty for them
+    x[is_crystal.astype(bool), _HYB_OFFSET:_TAIL] = 0.0
+    return x
+
+
+def bond_features(bond_feat: np.ndarray) -> np.ndarray:
+    """Expand stored integer bond columns (E, 3) to float32 features (E, BOND_DIM)."""
+    e = np.zeros((bond_feat.shape[0], BOND_DIM), dtype=np.float32)
+    kind = np.clip(bond_feat[:, 0].astype(np.int64), 1, 4) - 1
+    e[np.arange(len(kind)), kind] = 1.0
+    e[:, 4] = bond_feat[:, 1]
+    e[:, 5] = bond_feat[:, 2]
+    return e
+
+
+def _graph(src: np.ndarray, dst: np.ndarray, n_nodes: np.ndarray, n_edges: np.ndarray) -> dgl.DGLGraph:
+    g = dgl.graph((torch.from_numpy(src), torch.from_numpy(dst)), num_nodes=int(n_nodes.sum()))
+    g.set_batch_num_nodes(torch.from_numpy(n_nodes))
+    g.set_batch_num_edges(torch.from_numpy(n_edges))
+    return g
+
+
+def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
+    """Batch decoded shard records into a :class:`GraphBatch` (2D and 3D graphs, targets, mask)."""
+    n_atoms = np.array([len(r["z"]) for r in records], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
+    kinds = [r.get("_kind", "molecule") for r in records]
+    z = np.concatenate([r["z"] for r in records]).astype(np.int64)
+    crystal = np.repeat(np.array([k == "crystal" for k in kinds], dtype=np.float32), n_atoms)
+    x = atom_features(np.concatenate([r["atom_feat"] for r in records]), crystal)
+
+    # 2D view: chemical bonds in both directions, or (crystals) neighbour topology without distances
+    src2, dst2, e2, ne2 = [], [], [], []
+    for r, s0, kind in zip(records, starts, kinds):
+        if kind == "crystal" or "bond_index" not in r:
+            idx = r["nbr_index"].astype(np.int64)
+            feat = np.zeros((idx.shape[1], BOND_DIM), dtype=np.float32)
+            feat[:, 6] = 1.0
+            src2.append(idx[0] + s0)
+            dst2.append(idx[1] + s0)
+        else:
+            idx = r["bond_index"].astype(np.int64)
+            f = bond_features(r["bond_feat"])
+            feat = np.concatenate([f, f])
+            src2.append(np.concatenate([idx[0], idx[1]]) + s0)
+            dst2.append(np.concatenate([idx[1], idx[0]]) + s0)
+        e2.append(feat)
+        ne2.append(len(feat))
+    g2d = _graph(np.concatenate(src2), np.concatenate(dst2), n_atoms, np.array(ne2, dtype=np.int64))
+    g2d.ndata["x"] = torch.from_numpy(x)
+    g2d.ndata["z"] = torch.from_numpy(z)
+    g2d.edata["e"] = torch.from_numpy(np.concatenate(e2))
+
+    cell = np.zeros((len(records), 3, 3), dtype=np.float32)
+    g3d = None
+    if all("pos" in r and "nbr_index" in r for r in records):
+        src3, dst3, img, ne3 = [], [], [], []
+        for i, (r, s0) in enumerate(zip(records, starts)):
+            idx = r["nbr_index"].astype(np.int64)
+            src3.append(idx[0] + s0)
+            dst3.append(idx[1] + s0)
+            img.append(r["nbr_image"])
+            ne3.append(idx.shape[1])
+            if "cell" in r:
+                cell[i] = r["cell"]
+        g3d = _graph(np.concatenate(src3), np.concatenate(dst3), n_atoms, np.array(ne3, dtype=np.int64))
+        g3d.ndata["z"] = torch.from_numpy(z)
+        g3d.ndata["pos"] = torch.from_numpy(np.concatenate([r["pos"] for r in records]).astype(np.float32))
+        g3d.edata["image"] = torch.from_numpy(np.concatenate(img).astype(np.float32))
+
+    y = np.stack([r["y"] for r in records]).astype(np.float64) if records[0]["y"].size else np.zeros((len(records), 0))
+    mask = np.isfinite(y)
+    return GraphBatch(
+        g2d=g2d, g3d=g3d, cell=torch.from_numpy(cell),
+        y=torch.from_numpy(np.where(mask, y, 0.0).astype(np.float32)), mask=torch.from_numpy(mask),
+        n_atoms=torch.from_numpy(n_atoms), ids=[str(r.get("_id", "")) for r in records], kinds=kinds,
+        index=[int(r.get("_index", -1)) for r in records], smiles=[r.get("_smiles", "") for r in records],
+        conformers=[r.get("conformers") for r in records],
+    )
+
+
+def edge_vectors(g3d: dgl.DGLGraph, cell: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Edge vectors ``pos[src] + image @ cell[graph] - pos[dst]`` (E, 3), differentiable in ``pos``/``cell``.
+
+    Args:
+        g3d: batched 3D graph with ndata ``pos`` and edata ``image``.
+        cell: (B, 3, 3) lattice per graph (zeros for molecules).
+        pos: optional positions (N, 3) to use instead of ``g3d.ndata['pos']`` (for forces/gradients).
+    """
+    pos = g3d.ndata["pos"] if pos is None else pos
+    src, dst = g3d.edges()
+    graph_of_edge = torch.repeat_interleave(torch.arange(g3d.batch_size, device=pos.device), g3d.batch_num_edges())
+    shift = torch.einsum("ei,eij->ej", g3d.edata["image"], cell[graph_of_edge])
+    return pos[src] + shift - pos[dst]

@@ -1,0 +1,412 @@
+"""LMDB graph shards: the record codec, the shard writer, the manifest and :class:`ShardDataset`.
+
+Record layout (little-endian, readable with numpy alone, no pickle)::
+
+    b"MMR1" | uint32 header_len | header (UTF-8 JSON) | zero pad to 8 |
+    array bytes, each starting on an 8-byte boundary | uint32 crc32 of everything before
+
+The header is ``{"meta": {...strings...}, "arrays": [[name, dtype, shape, offset, nbytes], ...]}``
+with offsets counted from the first array byte and numpy dtype strings (``"<f8"``).
+
+A shard is one LMDB file ``data.NNNN.lmdb`` (``subdir=False``) with keys ``%010d`` (local record
+index) and ``__meta__`` (JSON: counts, the input range it covers, statistics, rejects,
+scaffolds). It is written as ``data.NNNN.lmdb.tmp`` and renamed when complete, so a file with the
+final name is always whole.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lmdb
+import numpy as np
+
+from pipeline import FORMAT_VERSION, MolmatError
+
+MAGIC = b"MMR1"
+META_KEY = b"__meta__"
+MANIFEST = "manifest.json"
+STATS = "stats.json"
+REJECTS = "rejects.jsonl"
+SPLIT = "split.json"
+
+
+class CorruptRecordError(MolmatError):
+    """A record whose bytes do not match its checksum or layout."""
+
+
+def record_key(index: int) -> bytes:
+    """LMDB key of the record at a shard-local index."""
+    return b"%010d" % index
+
+
+def shard_name(number: int) -> str:
+    """File name of shard ``number``."""
+    return f"data.{number:04d}.lmdb"
+
+
+# ---------------------------------------------------------------------------------------- codec
+def encode_record(arrays: dict[str, Any]) -> bytes:
+    """Serialise a featurised record: numpy arrays plus ``_``-prefixed string metadata.
+
+    Args:
+        arrays: name -> numpy array; keys starting with ``_`` are strings stored in the header.
+    Returns:
+        The record bytes (header, aligned array data, crc32).
+    """
+    meta = {k[1:]: v for k, v in arrays.items() if k.startswith("_")}
+    entries = []
+    chunks = []
+    offset = 0
+    for name, value in arrays.items():
+        if name.startswith("_"):
+            continue
+        arr = np.ascontiguousarray(value)
+        if arr.dtype.hasobject:
+            raise TypeError(f"array '{name}' has object dtype; only numeric arrays are stored")
+        data = arr.tobytes()
+        entries.append([name, arr.dtype.str, list(arr.shape), offset, len(data)])
+        chunks.append(data)
+        pad = (-len(data)) % 8
+        if pad:
+            chunks.append(b"\0" * pad)
+        offset += len(data) + pad
+    header = json.dumps({"meta": meta, "arrays": entries}, separators=(",", ":")).encode()
+    head = MAGIC + struct.pack("<I", len(header)) + header
+    head += b"\0" * ((-len(head)) % 8)
+    body = head + b"".join(chunks)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_record(buf: bytes | memoryview, where: str = "record") -> dict[str, Any]:
+    """Inverse of :func:`encode_record`; verifies the checksum.
+
+    Args:
+        buf: record bytes.
+        where: text naming the shard and key, used in error messages.
+    Raises:
+        CorruptRecordError: checksum mismatch, bad magic or a layout that does not fit.
+    """
+    view = memoryview(buf)
+    if len(view) < 12 or bytes(view[:4]) != MAGIC:
+        raise CorruptRecordError(f"{where}: not a molmat record (bad magic); the shard is corrupt, re-run preprocess")
+    (crc,) = struct.unpack_from("<I", view, len(view) - 4)
+    if zlib.crc32(view[:-4]) != crc:
+        raise CorruptRecordError(f"{where}: checksum mismatch; the shard is corrupt, re-run preprocess")
+    (hlen,) = struct.unpack_from("<I", view, 4)
+    try:
+        header = json.loads(bytes(view[8:8 + hlen]))
+    except ValueError:
+        raise CorruptRecordError(f"{where}: unreadable header") from None
+    start = 8 + hlen
+    start += (-start) % 8
+    out: dict[str, Any] = {f"_{k}": v for k, v in header["meta"].items()}
+    for name, dtype, shape, off, nbytes in header["arrays"]:
+        arr = np.frombuffer(view, dtype=np.dtype(dtype), count=int(np.prod(shape, dtype=np.int64)), offset=start + off)
+        out[name] = arr.reshape(shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- stats
+class RunningStats:
+    """Mergeable per-target and per-graph statistics (counts, means, variances, element counts)."""
+
+    def __init__(self, n_targets: int) -> None:
+        self.count = np.zeros(n_targets, np.int64)
+        self.mean = np.zeros(n_targets, np.float64)
+        self.m2 = np.zeros(n_targets, np.float64)
+        self.elements = np.zeros(256, np.int64)
+        self.graphs = 0
+        self.sizes: dict[str, list[float]] = {k: [0.0, 0.0, float("inf"), 0.0] for k in ("atoms", "bonds", "neighbors")}
+
+    def add(self, y: np.ndarray, z: np.ndarray, n_bonds: int, n_neighbors: int) -> None:
+        """Account one record (Welford update per target; NaN labels are skipped)."""
+        ok = np.isfinite(y)
+        self.count += ok
+        delta = np.where(ok, y - self.mean, 0.0)
+        self.mean += np.where(ok, delta / np.maximum(self.count, 1), 0.0)
+        self.m2 += np.where(ok, delta * (np.where(ok, y, 0.0) - self.mean), 0.0)
+        self.elements += np.bincount(z, minlength=256)[:256]
+        self.graphs += 1
+        for key, value in (("atoms", len(z)), ("bonds", n_bonds), ("neighbors", n_neighbors)):
+            s = self.sizes[key]
+            s[0] += value
+            s[1] += value * value
+            s[2] = min(s[2], value)
+            s[3] = max(s[3], value)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form (merged later with :meth:`merge_json`)."""
+        return {"count": self.count.tolist(), "mean": self.mean.tolist(), "m2": self.m2.tolist(),
+                "elements": {str(z): int(c) for z, c in enumerate(self.elements) if c},
+                "graphs": self.graphs, "sizes": self.sizes}
+
+    @staticmethod
+    def merge_json(parts: Sequence[dict[str, Any]], n_targets: int) -> "RunningStats":
+        """Combine shard statistics (Chan et al. parallel variance)."""
+        total = RunningStats(n_targets)
+        for p in parts:
+            nb = np.asarray(p["count"], np.int64)
+            mb = np.asarray(p["mean"], np.float64)
+            m2b = np.asarray(p["m2"], np.float64)
+            n = total.count + nb
+            delta = mb - total.mean
+            safe = np.maximum(n, 1)
+            total.mean = total.mean + delta * nb / safe
+            total.m2 = total.m2 + m2b + delta ** 2 * total.count * nb / safe
+            total.count = n
+            for z, c in p["elements"].items():
+                total.elements[int(z)] += c
+            total.graphs += p["graphs"]
+            for key, s in p["sizes"].items():
+                t = total.sizes[key]
+                t[0] += s[0]
+                t[1] += s[1]
+                t[2] = min(t[2], s[2])
+                t[3] = max(t[3], s[3])
+        return total
+
+    def summary(self, targets: list[dict[str, str]]) -> dict[str, Any]:
+        """The content of ``stats.json``."""
+        from pipeline.featurize import _rdkit  # periodic table for element symbols
+
+        table = _rdkit()["ptable"]
+        out: dict[str, Any] = {"graphs": self.graphs, "targets": {}, "elements": {}, "per_graph": {}}
+        for i, t in enumerate(targets):
+            n = int(self.count[i])
+            std = float(np.sqrt(self.m2[i] / (n - 1))) if n > 1 else float("nan")
+            out["targets"][t["name"]] = {"unit": t["unit"], "count": n,
+                                         "mean": float(self.mean[i]) if n else float("nan"), "std": std}
+        for z in np.flatnonzero(self.elements):
+            out["elements"][table.GetElementSymbol(int(z))] = int(self.elements[z])
+        for key, (s, s2, lo, hi) in self.sizes.items():
+            n = max(self.graphs, 1)
+            mean = s / n
+            out["per_graph"][key] = {"mean": mean, "std": float(np.sqrt(max(s2 / n - mean * mean, 0.0))),
+                                     "min": lo if self.graphs else 0, "max": hi, "total": s}
+        return out
+
+
+# --------------------------------------------------------------------------------------- writer
+class ShardWriter:
+    """Writes one shard under a temporary name with batched commits; :meth:`close` publishes it.
+
+    Args:
+        path: final shard path (``.../data.0003.lmdb``).
+        commit_every: records per write transaction.
+    """
+
+    def __init__(self, path: Path, commit_every: int = 512) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        if self.tmp.exists():
+            self.tmp.unlink()
+        self._map_size = 1 << 30
+        self.env = lmdb.open(str(self.tmp), subdir=False, map_size=self._map_size, lock=False,
+                             sync=False, metasync=False, meminit=False, max_dbs=0)
+        self.count = 0
+        self._pending: list[tuple[bytes, bytes]] = []
+        self.commit_every = commit_every
+
+    def add(self, record: bytes) -> int:
+        """Append one encoded record; returns its shard-local index."""
+        index = self.count
+        self._pending.append((record_key(index), record))
+        self.count += 1
+        if len(self._pending) >= self.commit_every:
+            self._flush()
+        return index
+
+    def _flush(self) -> None:
+        while self._pending:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for k, v in self._pending:
+                        txn.put(k, v)
+                self._pending = []
+            except lmdb.MapFullError:
+                # Grow the map instead of reserving a huge one up front: some clusters cap virtual memory.
+                self._map_size *= 2
+                self.env.set_mapsize(self._map_size)
+
+    def close(self, meta: dict[str, Any]) -> None:
+        """Write the shard's metadata, sync, and rename the file to its final name."""
+        self._pending.append((META_KEY, json.dumps(meta).encode()))
+        self._flush()
+        self.env.sync(True)
+        self.env.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Close without publishing (the temporary file is removed)."""
+        self.env.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def open_shard(path: Path) -> lmdb.Environment:
+    """Read-only LMDB environment of a shard, shared by every reader in this process.
+
+    LMDB allows one environment per file per process, so environments are cached by path. After
+    a fork (DataLoader workers) the inherited handles are closed in the child, never used, and
+    the shard is opened afresh, as LMDB requires. No lock, no readahead: safe and fast for random
+    reads on shared filesystems.
+    """
+    pid = os.getpid()
+    if _ENV_CACHE.get("pid") != pid:
+        for env in _ENV_CACHE.get("envs", {}).values():
+            try:
+                env.close()
+            except lmdb.Error:
+                pass
+        _ENV_CACHE["pid"] = pid
+        _ENV_CACHE["envs"] = {}
+    key = str(Path(path).resolve())
+    env = _ENV_CACHE["envs"].get(key)
+    if env is None:
+        env = lmdb.open(key, subdir=False, readonly=True, lock=False, readahead=False, meminit=False,
+                        max_readers=2048)
+        _ENV_CACHE["envs"][key] = env
+    return env
+
+
+def close_shards() -> None:
+    """Close every cached shard environment of this process (e.g. before rewriting files)."""
+    for env in _ENV_CACHE.get("envs", {}).values():
+        env.close()
+    _ENV_CACHE["envs"] = {}
+
+
+_ENV_CACHE: dict[str, Any] = {}
+
+
+def read_shard_meta(path: Path) -> dict[str, Any]:
+    """The ``__meta__`` entry of a shard."""
+    with open_shard(path).begin() as txn:
+        raw = txn.get(META_KEY)
+    if raw is None:
+        raise CorruptRecordError(f"{path}: shard has no __meta__ entry; it is incomplete or corrupt")
+    return json.loads(raw)
+
+
+# ------------------------------------------------------------------------------------- manifest
+def load_manifest(root: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json`` of a shard directory, with a clear error when it is not one."""
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        hint = " (preprocessing did not finish; re-run the same command to resume)" if Path(root).exists() else ""
+        raise MolmatError(f"{root}: not a molmat shard directory, {MANIFEST} is missing{hint}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise MolmatError(f"{root}: shard format version {manifest.get('format_version')} but this molmat reads "
+                          f"version {FORMAT_VERSION}; re-run preprocess")
+    return manifest
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------- dataset
+class ShardDataset:
+    """Random access to every record of a shard directory by global index.
+
+    LMDB environments are opened lazily in the process that reads (each DataLoader worker opens
+    its own) and re-opened when the process id changes, read-only, without lock or readahead.
+
+    Args:
+        root: shard directory (with manifest.json).
+        indices: optional subset of global indices (e.g. a split); ``len`` and ``[i]`` follow it.
+    Items are dicts of numpy arrays (``z``, ``pos``, ``atom_feat``, ``y``, ...) plus string
+    metadata under ``_id``, ``_kind``, ``_source``, ``_smiles``...
+    """
+
+    def __init__(self, root: str | Path, indices: Sequence[int] | None = None) -> None:
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        self.shards = [self.root / s["path"] for s in self.manifest["shards"]]
+        counts = [int(s["count"]) for s in self.manifest["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.total = int(self.offsets[-1])
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.targets = [t["name"] for t in self.manifest["targets"]]
+
+    def __len__(self) -> int:
+        return self.total if self.indices is None else len(self.indices)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, local index) of a global index."""
+        if not 0 <= index < self.total:
+            raise IndexError(f"record {index} out of range 0..{self.total - 1}")
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, int(index - self.offsets[shard])
+
+    def _env(self, shard: int) -> lmdb.Environment:
+        path = self.shards[shard]
+        if not path.exists():
+            raise MolmatError(f"{path}: shard listed in {self.root / MANIFEST} is missing")
+        return open_shard(path)
+
+    def raw(self, index: int) -> bytes:
+        """Encoded bytes of the record at a global index."""
+        shard, local = self.locate(index)
+        with self._env(shard).begin(buffers=False) as txn:
+            buf = txn.get(record_key(local))
+        if buf is None:
+            raise CorruptRecordError(f"{self.shards[shard]}: key {record_key(local).decode()} is missing")
+        return buf
+
+    def get(self, index: int) -> dict[str, Any]:
+        """Decoded record at a global index (ignores ``indices``)."""
+        shard, local = self.locate(index)
+        return decode_record(self.raw(index), where=f"{self.shards[shard]}: key {record_key(local).decode()}")
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = int(self.indices[i]) if self.indices is not None else int(i)
+        rec = self.get(index)
+        rec["_index"] = index
+        return rec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def verify(root: str | Path) -> tuple[int, list[str]]:
+    """Re-read every record of every shard and check every checksum and count.
+
+    Returns:
+        (records checked, list of problems; empty when the directory is sound).
+    """
+    manifest = load_manifest(root)
+    problems: list[str] = []
+    checked = 0
+    for entry in manifest["shards"]:
+        path = Path(root) / entry["path"]
+        if not path.exists():
+            problems.append(f"{path}: missing")
+            continue
+        try:
+            with open_shard(path).begin() as txn:
+                seen = 0
+                for key, value in txn.cursor():
+                    if key == META_KEY:
+                        continue
+                    seen += 1
+                    try:
+                        decode_record(value, where=f"{path}: key {key.decode(errors='replace')}")
+                        checked += 1
+                    except CorruptRecordError as exc:
+                        problems.append(str(exc))
+                if seen != entry["count"]:
+                    problems.append(f"{path}: {seen} records, manifest says {entry['count']}")
+        except lmdb.Error as exc:
+            problems.append(f"{path}: LMDB error ({exc})")
+    return checked, problems

@@ -1,0 +1,34 @@
+"""Shared fixtures: shard directories made once per test session from the shipped samples."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.preprocess import preprocess
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT / "datasets"
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    """The project's shipped real samples."""
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def qm9_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 300 shipped QM9 molecules (original xyz layout) as a shard directory."""
+    out = tmp_path_factory.mktemp("qm9") / "shards"
+    preprocess([str(DATASETS / "qm9" / "xyz")], out, load_config(None, ["preprocess.shard_size=128"]), workers=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mp_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 300 shipped Materials Project crystals (CIF + labels.csv) as a shard directory."""
+    out = tmp_path_factory.mktemp("mp") / "shards"
+    preprocess([str(DATASETS / "mp" / "cifs.tar.gz")], out, load_config(None, ["preprocess.shard_size=128"]), workers=0)
+    return out

@@ -1,0 +1,117 @@
+"""Shard format: bit-exact round trip, corruption detection, DataLoader reading, splits."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import records_equal
+from pipeline.config import PreprocessConfig
+from pipeline.featurize import featurize
+from pipeline.graphs import collate
+from pipeline.readers import open_source
+from pipeline.shards import (CorruptRecordError, ShardDataset, decode_record, encode_record, load_manifest,
+                             record_key, verify)
+from pipeline.splits import load_split, scaffold_split
+
+
+def test_encode_decode_bit_exact(datasets_dir):
+    r = open_source(datasets_dir / "qm9" / "xyz")
+    raw = next(r.records())
+    arrays = featurize(raw, [t for t, _ in r.targets], PreprocessConfig(molecule={"conformers": 2}))
+    back = decode_record(encode_record(arrays))
+    assert records_equal(back, arrays)
+    assert back["conformers"].shape == (2, 4, 3)
+
+
+def test_shards_hold_exactly_the_featurised_records(qm9_shards, datasets_dir):
+    ds = ShardDataset(qm9_shards)
+    manifest = load_manifest(qm9_shards)
+    assert len(ds) == manifest["records"] == 300 and len(manifest["shards"]) == 3
+    r = open_source(datasets_dir / "qm9" / "xyz")
+    names = [t["name"] for t in manifest["targets"]]
+    for i, raw in enumerate(r.records()):
+        expected = encode_record(featurize(raw, names, PreprocessConfig()))
+        assert ds.raw(i) == expected, f"record {i} differs from a fresh featurisation"
+
+
+def test_manifest_and_stats(qm9_shards):
+    manifest = load_manifest(qm9_shards)
+    assert manifest["inputs"] and all(len(x["sha256"]) == 64 for x in manifest["inputs"])
+    assert {"name": "gap_Ha", "unit": "Ha"} in manifest["targets"]
+    stats = json.loads((qm9_shards / "stats.json").read_text())
+    gaps = np.array([ShardDataset(qm9_shards)[i]["y"][manifest["targets"].index({"name": "gap_Ha", "unit": "Ha"})]
+                     for i in range(300)])
+    assert stats["targets"]["gap_Ha"]["mean"] == pytest.approx(gaps.mean(), rel=1e-9)
+    assert stats["targets"]["gap_Ha"]["std"] == pytest.approx(gaps.std(ddof=1), rel=1e-9)
+    assert stats["elements"]["C"] > 0 and stats["per_graph"]["atoms"]["max"] <= 29
+
+
+def _flip_byte_in_record(shard_file, record_bytes):
+    data = bytearray(shard_file.read_bytes())
+    at = data.find(record_bytes)
+    assert at >= 0
+    data[at + len(record_bytes) // 2] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+
+
+def test_corrupt_byte_is_detected_with_shard_and_key(qm9_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(qm9_shards, copy)
+    ds = ShardDataset(copy)
+    _flip_byte_in_record(ds.shards[1], ds.raw(150))
+    fresh = ShardDataset(copy)
+    with pytest.raises(CorruptRecordError, match=r"data\.0001\.lmdb: key 0000000022: checksum mismatch"):
+        fresh[150]
+    assert fresh[149]["z"].size > 0  # the rest still reads
+    checked, problems = verify(copy)
+    assert checked == 299 and len(problems) == 1 and "0000000022" in problems[0]
+    cli = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", str(copy), "--verify"],
+                         capture_output=True, text=True)
+    assert cli.returncode != 0 and "checksum mismatch" in cli.stderr
+
+
+def test_dataloader_two_workers_reads_each_record_once(mp_shards):
+    ds = ShardDataset(mp_shards)
+    assert ds[0]["z"].size  # the parent opens the shard before forking: workers must reopen, not reuse
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=2, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = []
+    for batch in loader:
+        seen.extend(batch.index)
+        assert batch.g2d.batch_size == batch.y.shape[0] == len(batch.index)
+    assert sorted(seen) == list(range(len(ds)))
+
+
+def test_collate_shapes_and_mask(mp_shards):
+    ds = ShardDataset(mp_shards)
+    batch = collate([ds[i] for i in range(40)])
+    assert batch.y.shape == (40, 4) and batch.mask.dtype == torch.bool
+    assert batch.g3d.batch_num_nodes().tolist() == batch.n_atoms.tolist()
+    moduli_known = batch.mask[:, 2]
+    assert 0 < moduli_known.sum() < 40  # elastic moduli exist for only some crystals
+    assert torch.all(batch.y[~batch.mask] == 0)
+
+
+def test_split_is_deterministic_disjoint_and_complete(qm9_shards):
+    split = load_split(qm9_shards)
+    parts = [set(split[k]) for k in ("train", "val", "test")]
+    assert sum(map(len, parts)) == 300 and set().union(*parts) == set(range(300))
+    assert len(split["test"]) == 30 and len(split["val"]) == 30
+
+
+def test_scaffold_split_keeps_groups_together():
+    scaffolds = ["c1ccccc1"] * 10 + ["C1CC1"] * 6 + [""] * 20 + [f"s{i}" for i in range(64)]
+    a = scaffold_split(scaffolds, 0.1, 0.1, seed=1)
+    b = scaffold_split(scaffolds, 0.1, 0.1, seed=1)
+    assert a == b
+    where = {i: k for k, idx in a.items() for i in idx}
+    for group in ("c1ccccc1", "C1CC1", ""):
+        members = [i for i, s in enumerate(scaffolds) if s == group]
+        assert len({where[i] for i in members}) == 1, group
+    assert scaffold_split(scaffolds, 0.1, 0.1, seed=2) != a
