@@ -17,6 +17,9 @@ from pipeline.config import Config, load_config
 
 log = logging.getLogger("molmat")
 
+#: Exit status after SIGTERM/SIGUSR1 wrote last.pt (EX_TEMPFAIL); hpc/ templates requeue on it.
+EXIT_REQUEUE = 75
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (default: the config.yaml shipped with molmat)")
@@ -87,6 +90,70 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ finetune & co.
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``molmat finetune --data SHARDS --out RUN [--init ENCODER_DIR]``."""
+    from finetune.train import finetune
+    from pipeline import distributed
+    from pipeline.training import pick_device
+
+    cfg = _config(args)
+    denv = distributed.detect()
+    device = distributed.setup(denv, pick_device(cfg.train.device))
+    try:
+        result = finetune(args.data, args.out, cfg, init=args.init, rank=denv.rank, world_size=denv.world_size,
+                          device=device)
+    finally:
+        distributed.teardown()
+    if denv.rank != 0:
+        return EXIT_REQUEUE if result.stopped_by == "signal" else 0
+    if result.stopped_by == "signal":
+        print(f"finetune: stopped by a signal; state saved in {Path(args.out) / 'last.pt'}; re-run to resume",
+              file=sys.stderr)
+        return EXIT_REQUEUE
+    print(f"finetune: {result.epochs_run} epoch(s), {result.steps} steps, stopped by {result.stopped_by}; "
+          f"best val_mae_scaled {result.best_metric:.4g} at epoch {result.best_epoch}; model in {Path(args.out) / 'best'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--out DIR]``."""
+    from finetune.evaluate import evaluate
+
+    metrics = evaluate(args.run, args.data, args.split, args.out)
+    for name, m in metrics["targets"].items():
+        extra = f"  (log10 MAE {m['log10']['mae']:.4g})" if "log10" in m else ""
+        print(f"{name:32s} MAE {m['mae']:.4g} {m['unit']}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.3f}  n={m['count']}{extra}")
+    print(f"metrics and parity plots in {args.out or Path(args.run) / ('eval_' + args.split)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``molmat predict RUN INPUT... --out FILE.csv``."""
+    from finetune.predict import predict
+
+    rows = predict(args.run, args.inputs, args.out, fmt=args.format or "auto")
+    print(f"wrote {rows} row(s) to {args.out}")
+    return 0
+
+
+def _stage_finetune_evaluate(cfg: Config, out: Path) -> None:
+    """`molmat run` stage: fine-tune and evaluate on each dataset with a small budget."""
+    from finetune.evaluate import evaluate
+    from finetune.train import finetune
+
+    for ds in cfg.run.datasets:
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.train.max_minutes = cfg.run.finetune_minutes
+        run_cfg.finetune.targets = ds.targets
+        model_dir = out / "models" / ds.name
+        result = finetune(out / "data" / ds.name, model_dir, run_cfg)
+        print(f"[finetune] {ds.name}: {result.epochs_run} epochs, {result.steps} steps ({result.stopped_by}) -> {model_dir}")
+        metrics = evaluate(model_dir, out / "data" / ds.name, "test")
+        for name, m in metrics["targets"].items():
+            print(f"[evaluate] {ds.name} test {name}: MAE {m['mae']:.4g} {m['unit']}, R2 {m['r2']:.3f}, n={m['count']}")
+
+
 # ------------------------------------------------------------------------------------------- run
 def _project_path(path: str) -> str:
     """A relative path from the config as given if it exists here, else relative to the molmat checkout.
@@ -100,7 +167,7 @@ def _project_path(path: str) -> str:
     return str(candidate) if candidate.exists() else str(p)
 
 
-STAGES: dict[str, Callable[[Config, Path], None]] = {}
+STAGES: dict[str, Callable[[Config, Path], None]] = {"finetune+evaluate": _stage_finetune_evaluate}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -152,6 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="re-read every record and check its checksum")
     _common(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("finetune", help="train property heads (and the encoder) on shards")
+    p.add_argument("--data", required=True, help="shard directory (with split.json)")
+    p.add_argument("--out", required=True, help="run directory (best/, last.pt, metrics.csv)")
+    p.add_argument("--init", help="pretrained encoder directory")
+    _common(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="metrics and parity plots of a trained model on shards")
+    p.add_argument("run", help="run or model directory")
+    p.add_argument("--data", required=True, help="shard directory")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--out", help="output directory (default RUN/eval_SPLIT)")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict properties for raw structure files")
+    p.add_argument("run", help="run or model directory")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="xyz/sdf/csv/cif/json files, directories or archives")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--format", help="input format (default: detect)")
+    _common(p)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="all stages on the datasets in the config (the shipped samples by default)")
     p.add_argument("--out", help="run directory (default: run.out from the config)")

@@ -22,6 +22,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    """One readable line per problem, naming the dotted key."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+    return f"invalid config ({origin}): " + "; ".join(lines)
+
+
+
 class MoleculeFeaturization(_Section):
     """How molecules become graphs."""
 
@@ -75,6 +88,62 @@ class RunConfig(_Section):
 
     out: str = "runs/sample"
     datasets: list[SourceSpec] = Field(default_factory=list)
+    finetune_minutes: float = Field(1.0, gt=0, description="training budget per dataset in `molmat run`")
+
+
+class TrainConfig(_Section):
+    """Optimisation settings shared by every training stage."""
+
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1, description="per process; the effective batch is this times the world size")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps (at most a tenth of the run)")
+    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    min_lr: float = Field(1e-6, ge=0)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(5, ge=1)
+    clip_grad: float | None = Field(10.0, description="max gradient norm; null disables clipping")
+    patience: int | None = Field(30, description="early stopping: epochs without validation improvement")
+    max_minutes: float | None = Field(None, description="wall-clock budget; training stops cleanly after it")
+    log_every: int = Field(50, ge=1, description="steps between log lines")
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    tensorboard: bool = False
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="scale lr with the number of processes: none, linear or square root")
+
+
+# Encoder configs live beside their modules; imported here (after _Section exists) so that
+# config.yaml is validated as a whole, unknown encoder keys included.
+from pipeline.models.mpnn import MPNNConfig  # noqa: E402
+from pipeline.models.schnet import SchNetConfig  # noqa: E402
+
+
+class ModelConfig(_Section):
+    """Which encoder a model uses, and each encoder's architecture."""
+
+    encoder: Literal["mpnn", "schnet", "both"] = Field("mpnn", description="2D MPNN, 3D SchNet, or both concatenated")
+    mpnn: MPNNConfig = Field(default_factory=MPNNConfig)
+    schnet: SchNetConfig = Field(default_factory=SchNetConfig)
+
+
+class FinetuneConfig(_Section):
+    """Property heads and how targets are learned."""
+
+    targets: list[str] | None = Field(None, description="targets to learn; default: every target in the shards")
+    log10_targets: list[str] | None = Field(None, description="learned as log10; default: names ending in _GPa")
+    extensive_targets: list[str] | None = Field(
+        None, description="learned per atom with fitted element references; default: QM9 U0/U/H/G")
+    loss_weights: dict[str, float] = Field(default_factory=dict)
+    loss: Literal["mse", "l1", "huber"] = "mse"
+    head_hidden: int = Field(128, ge=1)
+    head_layers: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init: str | None = Field(None, description="pretrained encoder directory (molmat pretrain)")
+    freeze_encoder: bool = False
+    encoder_lr: float | None = Field(None, gt=0, description="own learning rate for a pretrained encoder")
 
 
 class Config(_Section):
@@ -82,6 +151,9 @@ class Config(_Section):
 
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 
@@ -118,18 +190,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[path[-1]] = value
     return data
-
-
-def _format_validation_error(exc: ValidationError, origin: str) -> str:
-    """One readable line per problem, naming the dotted key."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        else:
-            lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
-    return f"invalid config ({origin}): " + "; ".join(lines)
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "config") -> Config:

@@ -1,0 +1,183 @@
+"""Property model: an encoder (2D MPNN, 3D SchNet, or both) plus one MLP head per target.
+
+Targets are learned in a transformed, normalised space and reported in physical units:
+
+* ``log10`` targets (elastic moduli) are learned as log10 of the value (non-positive values are
+  treated as missing);
+* ``extensive`` targets (total energies) are learned per atom after subtracting fitted element
+  references: ``t = (y - sum_i ref[Z_i]) / n_atoms``;
+* every target is then normalised with the training split's mean and std.
+
+References, means and stds are buffers of the module, so they are saved with the weights and a
+loaded model predicts in physical units with nothing else at hand.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.featurize import MAX_Z
+from pipeline.graphs import GraphBatch
+from pipeline.models import build_encoder
+
+DEFAULT_EXTENSIVE = ("U0_Ha", "U_Ha", "H_Ha", "G_Ha")
+
+
+@dataclass
+class TargetSpec:
+    """One learned target: name and unit as in the shards, how it is transformed, its loss weight."""
+
+    name: str
+    unit: str
+    transform: str = "none"      # "none" | "log10"
+    extensive: bool = False
+    weight: float = 1.0
+
+
+def target_specs(targets: list[dict[str, str]], wanted: list[str] | None, log10: list[str] | None,
+                 extensive: list[str] | None, weights: dict[str, float]) -> list[TargetSpec]:
+    """Target specs from the shard manifest's targets and the finetune config."""
+    from pipeline import MolmatError
+
+    units = {t["name"]: t["unit"] for t in targets}
+    names = wanted or list(units)
+    missing = [n for n in names if n not in units]
+    if missing:
+        raise MolmatError(f"target(s) {', '.join(missing)} are not in the shards; they hold {', '.join(units)}")
+    log10 = log10 if log10 is not None else [n for n in names if n.endswith("_GPa")]
+    extensive = extensive if extensive is not None else [n for n in names if n in DEFAULT_EXTENSIVE]
+    return [TargetSpec(n, units[n], "log10" if n in log10 else "none", n in extensive, float(weights.get(n, 1.0)))
+            for n in names]
+
+
+def _mlp(d_in: int, hidden: int, layers: int, dropout: float) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    d = d_in
+    for _ in range(layers - 1):
+        mods += [nn.Linear(d, hidden), nn.SiLU()]
+        if dropout:
+            mods.append(nn.Dropout(dropout))
+        d = hidden
+    mods.append(nn.Linear(d, 1))
+    return nn.Sequential(*mods)
+
+
+class PropertyModel(nn.Module):
+    """Encoder(s) plus per-target heads with normalisation stored inside.
+
+    Args:
+        encoder: ``"mpnn"``, ``"schnet"`` or ``"both"``.
+        mpnn_cfg, schnet_cfg: encoder configs (plain dicts or config objects).
+        targets: the learned targets.
+        head_hidden, head_layers, dropout: head MLP shape.
+    Shapes: ``forward(batch)`` returns normalised predictions (B, T).
+    """
+
+    def __init__(self, encoder: str, mpnn_cfg: Any, schnet_cfg: Any, targets: list[TargetSpec],
+                 head_hidden: int = 128, head_layers: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.encoder_kind = encoder
+        self.targets = targets
+        self.encoder2d = build_encoder("mpnn", mpnn_cfg) if encoder in ("mpnn", "both") else None
+        self.encoder3d = build_encoder("schnet", schnet_cfg) if encoder in ("schnet", "both") else None
+        d = (self.encoder2d.out_dim if self.encoder2d is not None else 0) + \
+            (self.encoder3d.out_dim if self.encoder3d is not None else 0)
+        self.heads = nn.ModuleList(_mlp(d, head_hidden, head_layers, dropout) for _ in targets)
+        t = len(targets)
+        self.register_buffer("mean", torch.zeros(t, dtype=torch.float64))
+        self.register_buffer("std", torch.ones(t, dtype=torch.float64))
+        self.register_buffer("element_ref", torch.zeros(t, MAX_Z + 1, dtype=torch.float64))
+        self.register_buffer("is_log10", torch.tensor([s.transform == "log10" for s in targets], dtype=torch.bool))
+        self.register_buffer("is_extensive", torch.tensor([s.extensive for s in targets], dtype=torch.bool))
+        self.register_buffer("loss_weight", torch.tensor([s.weight for s in targets], dtype=torch.float32))
+
+    def encoders(self) -> list[nn.Module]:
+        """The encoder modules in use (for freezing or a separate learning rate)."""
+        return [e for e in (self.encoder2d, self.encoder3d) if e is not None]
+
+    def embed(self, batch: GraphBatch) -> torch.Tensor:
+        """Pooled structure embedding (B, D)."""
+        parts = []
+        if self.encoder2d is not None:
+            parts.append(self.encoder2d(batch)[0])
+        if self.encoder3d is not None:
+            if batch.g3d is None:
+                from pipeline import MolmatError
+
+                raise MolmatError("this model uses the 3D encoder but the records have no coordinates")
+            parts.append(self.encoder3d(batch)[0])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def forward(self, batch: GraphBatch) -> torch.Tensor:
+        """Normalised predictions (B, T)."""
+        h = self.embed(batch)
+        return torch.cat([head(h) for head in self.heads], dim=-1)
+
+    # ----------------------------------------------------------------------------- transforms
+    def _composition(self, batch: GraphBatch) -> torch.Tensor:
+        """Element counts per graph (B, MAX_Z + 1), float64."""
+        z = batch.g2d.ndata["z"].clamp(0, MAX_Z)
+        graph = torch.repeat_interleave(torch.arange(batch.num_graphs, device=z.device), batch.n_atoms)
+        counts = torch.zeros(batch.num_graphs, MAX_Z + 1, dtype=torch.float64, device=z.device)
+        counts.index_put_((graph, z), torch.ones_like(z, dtype=torch.float64), accumulate=True)
+        return counts
+
+    def _learned(self, y: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor,
+                 n_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical (B, T) -> learned space before normalisation, and the mask minus invalid log10."""
+        y = y.double()
+        ref = comp @ self.element_ref.T
+        t = torch.where(self.is_extensive, (y - ref) / n_atoms.double().unsqueeze(-1), y)
+        positive = y > 0
+        t = torch.where(self.is_log10, torch.log10(torch.where(positive, y, torch.ones_like(y))), t)
+        return t, mask & (~self.is_log10 | positive)
+
+    def normalize(self, y: torch.Tensor, mask: torch.Tensor, batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical targets (B, T) -> normalised learned space (B, T) float32, with the effective mask."""
+        t, mask = self._learned(y, mask, self._composition(batch), batch.n_atoms)
+        return ((t - self.mean) / self.std).float(), mask
+
+    def to_physical(self, pred: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
+        """Normalised predictions (B, T) -> physical units (B, T) float64."""
+        t = pred.double() * self.std + self.mean
+        ref = self._composition(batch) @ self.element_ref.T
+        y = torch.where(self.is_extensive, t * batch.n_atoms.double().unsqueeze(-1) + ref, t)
+        return torch.where(self.is_log10, torch.pow(10.0, t), y)
+
+    @torch.no_grad()
+    def predict(self, batch: GraphBatch) -> torch.Tensor:
+        """Predictions in physical units (B, T) float64."""
+        return self.to_physical(self(batch), batch)
+
+    @torch.no_grad()
+    def fit_normalization(self, batches: Iterable[GraphBatch]) -> None:
+        """Fit element references (extensive targets, least squares) and mean/std on training batches."""
+        comps, ys, masks, sizes = [], [], [], []
+        for b in batches:
+            comps.append(self._composition(b).cpu())
+            ys.append(b.y.double().cpu())
+            masks.append(b.mask.cpu())
+            sizes.append(b.n_atoms.cpu())
+        comp, y, mask, n_atoms = torch.cat(comps), torch.cat(ys), torch.cat(masks), torch.cat(sizes)
+        for j, spec in enumerate(self.targets):
+            rows = mask[:, j]
+            if spec.extensive and rows.any():
+                used = comp[rows].sum(0) > 0
+                coef, *_ = np.linalg.lstsq(comp[rows][:, used].numpy(), y[rows, j].numpy(), rcond=None)
+                self.element_ref[j, used] = torch.from_numpy(coef).to(self.element_ref)
+        t, mask = self._learned(y, mask, comp, n_atoms)
+        for j in range(len(self.targets)):
+            v = t[mask[:, j], j]
+            if v.numel() >= 2:
+                self.mean[j] = v.mean()
+                self.std[j] = v.std().clamp_min(1e-8)
+            elif v.numel() == 1:
+                self.mean[j] = v[0]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Target specs as plain data (for config.json)."""
+        return [asdict(s) for s in self.targets]

@@ -1,0 +1,108 @@
+"""Distributed training setup from torchrun or Slurm (srun) environment variables.
+
+torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Under
+``srun`` alone, Slurm's ``SLURM_PROCID``, ``SLURM_LOCALID`` and ``SLURM_NTASKS`` give the same,
+and the master address is the first host of ``SLURM_JOB_NODELIST``. One process per GPU; NCCL on
+GPUs, gloo on CPUs. Without any of these variables everything runs as a single process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("molmat.distributed")
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in a distributed job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"   # "torchrun", "slurm" or "none"
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a Slurm node list (``gpu[003-005,9],cpu1`` -> ``gpu003``)."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(3)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def detect() -> DistEnv:
+    """Read the launcher's environment (torchrun first, then Slurm)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = env.get("SLURM_JOB_ID", "0")
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                       env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       int(env.get("MASTER_PORT", 20000 + int(job) % 20000)), "slurm")
+    return DistEnv()
+
+
+def setup(denv: DistEnv, device: torch.device) -> torch.device:
+    """Initialise the process group (if distributed) and return this process's device."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda", denv.local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    if denv.is_distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+                                rank=denv.rank, world_size=denv.world_size)
+        if denv.rank == 0:
+            log.info("distributed: %d processes via %s, backend %s", denv.world_size, denv.launcher, backend)
+    return device
+
+
+def teardown() -> None:
+    """Destroy the process group if one was created."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """Mean of a scalar over all processes (the value itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def any_flag(flag: bool, device: torch.device) -> bool:
+    """True on every process if any process has ``flag`` set (keeps ranks stopping together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def scaled_lr(lr: float, world_size: int, rule: str) -> float:
+    """Learning rate for a world size under a scaling rule: none, linear or sqrt."""
+    if rule == "linear":
+        return lr * world_size
+    if rule == "sqrt":
+        return lr * world_size ** 0.5
+    return lr

@@ -1,0 +1,61 @@
+"""Distributed training on CPU with gloo: 2 processes == 1 process on the same global batch."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from pipeline.distributed import DistEnv, detect, first_slurm_host, scaled_lr
+
+SMALL = ["model.mpnn.hidden=16", "model.mpnn.steps=2", "finetune.head_hidden=16", "train.warmup_steps=2",
+         "train.log_every=1000", "train.epochs=2", "finetune.targets=[gap_Ha]"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sets(items):
+    return [x for kv in items for x in ("--set", kv)]
+
+
+def test_two_gloo_processes_match_one_process(qm9_shards, tmp_path):
+    one = subprocess.run([sys.executable, "-m", "pipeline.cli", "finetune", "--data", str(qm9_shards), "--out",
+                          str(tmp_path / "one")] + _sets(SMALL + ["train.batch_size=32"]), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "-m", "pipeline.cli", "finetune", "--data", str(qm9_shards),
+                          "--out", str(tmp_path / "two")] + _sets(SMALL + ["train.batch_size=16"]),
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "effective batch size 32 (16 per process x 2)" in two.stderr
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert a["state"]["step"] == b["state"]["step"] == 16
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not (tmp_path / "two" / "metrics.csv").read_text().count("\n") > 3, "only rank 0 writes metrics"
+
+
+def test_launcher_detection(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    assert detect() == DistEnv()
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[003-006,9],cpu1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    env = detect()
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.launcher) == (5, 1, 8, "gpu003", "slurm")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert detect().launcher == "torchrun"
+    assert first_slurm_host("node17") == "node17"
+    assert scaled_lr(1e-3, 4, "linear") == 4e-3 and scaled_lr(1e-3, 4, "sqrt") == 2e-3 and scaled_lr(1e-3, 4, "none") == 1e-3

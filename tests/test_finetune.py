@@ -1,0 +1,172 @@
+"""Property model, trainer and the finetune/evaluate/predict stages on tiny real samples."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import DATASETS, mp_cif_texts, qm9_files
+from pipeline import MolmatError
+from pipeline.config import load_config
+from pipeline.graphs import collate
+from pipeline.shards import ShardDataset
+from finetune import load_model
+from finetune.evaluate import evaluate
+from finetune.model import PropertyModel, target_specs
+from finetune.predict import predict
+from finetune.train import finetune, masked_loss
+
+SMALL = ["model.mpnn.hidden=16", "model.mpnn.steps=2", "model.schnet.hidden=16", "model.schnet.interactions=2",
+         "finetune.head_hidden=16", "train.batch_size=32", "train.warmup_steps=2", "train.log_every=1000"]
+
+
+def _cfg(*extra):
+    return load_config(None, SMALL + list(extra))
+
+
+def test_masked_loss_ignores_missing_labels():
+    pred = torch.tensor([[1.0, 5.0], [2.0, 7.0]])
+    target = torch.tensor([[1.0, 0.0], [4.0, 0.0]])
+    mask = torch.tensor([[True, False], [True, False]])
+    loss = masked_loss(pred, target, mask, torch.ones(2))
+    assert loss.item() == pytest.approx(2.0)  # (0 + 4) / 2 on target 0; target 1 has no labels
+    mask[0, 1] = True
+    assert masked_loss(pred, target, mask, torch.ones(2)).item() == pytest.approx((2.0 + 25.0) / 2)
+
+
+def test_normaliser_round_trip_with_element_refs_and_log10(qm9_shards, mp_shards):
+    for shards, wanted in ((qm9_shards, ["gap_Ha", "U0_Ha"]), (mp_shards, ["band_gap_eV", "K_VRH_GPa"])):
+        ds = ShardDataset(shards)
+        names = ds.targets
+        specs = target_specs(ds.manifest["targets"], wanted, None, None, {})
+        model = PropertyModel("mpnn", {"hidden": 8, "steps": 1}, {}, specs, 8, 2)
+        cols = [names.index(w) for w in wanted]
+        recs = [dict(ds[i], y=ds[i]["y"][cols]) for i in range(120)]
+        batches = [collate(recs[i:i + 40]) for i in range(0, 120, 40)]
+        model.fit_normalization(batches)
+        b = batches[0]
+        t, m = model.normalize(b.y, b.mask, b)
+        back = model.to_physical(t.double(), b)
+        np.testing.assert_allclose(back[m].numpy(), b.y.double()[m].numpy(), rtol=1e-5, atol=1e-6)
+        if "U0_Ha" in wanted:
+            assert model.element_ref[1, 6] < -30  # a carbon reference near -38 Ha
+            all_t = torch.cat([model.normalize(x.y, x.mask, x)[0][:, 1] for x in batches])
+            assert abs(all_t.mean()) < 1e-3 and abs(all_t.std() - 1) < 0.05
+        if "K_VRH_GPa" in wanted:
+            assert model.is_log10.tolist() == [False, True]
+            assert m[:, 1].sum() < m[:, 0].sum()  # moduli are missing for most crystals
+
+
+@pytest.fixture(scope="module")
+def trained_qm9(qm9_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "run"
+    cfg = _cfg("train.epochs=2", "finetune.targets=[gap_Ha, U0_Ha]")
+    finetune(qm9_shards, out, cfg)
+    return out
+
+
+def test_finetune_writes_model_dir_and_metrics(trained_qm9):
+    rows = list(csv.DictReader(open(trained_qm9 / "metrics.csv")))
+    assert len(rows) == 2 and "val_mae_gap_Ha" in rows[0]
+    conf = json.loads((trained_qm9 / "best" / "config.json").read_text())
+    assert [t["name"] for t in conf["targets"]] == ["gap_Ha", "U0_Ha"]
+    assert conf["targets"][1]["extensive"] and conf["targets"][0]["unit"] == "Ha"
+    assert conf["featurization"]["atom_columns"][0] == "Z"
+
+
+def test_save_load_predict_identity(trained_qm9, qm9_shards):
+    model = load_model(trained_qm9)
+    ds = ShardDataset(qm9_shards)
+    recs = [ds[i] for i in range(10)]
+    for r in recs:
+        r["y"] = r["y"][[ds.targets.index("gap_Ha"), ds.targets.index("U0_Ha")]]
+    direct = model.predict(collate(recs)).numpy()
+    out = trained_qm9.parent / "pred.csv"
+    files = [str(f) for f in qm9_files(10)]
+    predict(trained_qm9, files, out)
+    rows = list(csv.DictReader(open(out)))
+    got = np.array([[float(r["gap_Ha"]), float(r["U0_Ha"])] for r in rows])
+    np.testing.assert_allclose(got, direct, rtol=1e-6)
+    assert abs(got[:, 1] - np.array([r["y"][1] for r in recs])).mean() < 2.0  # element refs put U0 near truth
+
+
+def test_predict_bad_file_gives_error_row_and_other_rows(trained_qm9, tmp_path):
+    good = qm9_files(3)
+    bad = tmp_path / "dsgdb9nsd_999999.xyz"
+    bad.write_text("\n".join(good[1].read_text().splitlines()[:3]))  # truncated real file
+    out = tmp_path / "p.csv"
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(trained_qm9), str(good[0]), str(bad),
+                        str(good[2]), str(tmp_path / "nothing.xyz"), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert [bool(x["error"]) for x in rows] == [False, True, False, True]
+    assert "truncated" in rows[1]["error"] and rows[1]["gap_Ha"] == ""
+    assert float(rows[0]["gap_Ha"]) > 0
+
+
+def test_evaluate_writes_metrics_and_parity_plots(trained_qm9, qm9_shards, tmp_path):
+    m = evaluate(trained_qm9, qm9_shards, "all", tmp_path / "ev")
+    assert m["records"] == 300 and m["targets"]["gap_Ha"]["count"] == 300
+    assert m["targets"]["gap_Ha"]["unit"] == "Ha" and m["targets"]["gap_Ha"]["mae"] > 0
+    png = (tmp_path / "ev" / "parity_gap_Ha.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_refuses_shards_with_other_featurisation(trained_qm9, tmp_path):
+    from pipeline.preprocess import preprocess
+
+    other = tmp_path / "other"
+    preprocess([str(DATASETS / "qm9" / "xyz")], other, load_config(None, ["preprocess.molecule.cutoff=4.0"]), workers=0)
+    with pytest.raises(MolmatError, match="molecule_cutoff: model 5.0 vs shards 4.0"):
+        evaluate(trained_qm9, other, "test")
+
+
+def test_sigterm_then_rerun_gives_the_same_weights(qm9_shards, tmp_path):
+    """Kill a run with SIGTERM mid-training; re-running the command ends with identical weights."""
+    import signal
+    import time
+
+    args = ["--data", str(qm9_shards), "--set", "train.epochs=6", "--set", "finetune.targets=[gap_Ha]",
+            "--set", "model.mpnn.dropout=0.1"] + [x for kv in SMALL for x in ("--set", kv)]
+    cli = [sys.executable, "-m", "pipeline.cli", "finetune"]
+    full = subprocess.run(cli + args + ["--out", str(tmp_path / "full")], capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    part = tmp_path / "part"
+    proc = subprocess.Popen(cli + args + ["--out", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (part / "metrics.csv").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 75, err  # EX_TEMPFAIL: the sbatch templates requeue on it
+    state = torch.load(part / "last.pt", weights_only=True)["state"]
+    assert state["epoch"] < 6, "the signal must arrive before training ends"
+    again = subprocess.run(cli + args + ["--out", str(part)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert a["state"]["step"] == b["state"]["step"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert (tmp_path / "full" / "best" / "model.pt").exists() and (part / "best" / "model.pt").exists()
+
+
+def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
+    cfg = _cfg("train.epochs=1", "model.encoder=both", "model.schnet.cutoff=8.0")
+    finetune(mp_shards, tmp_path / "mp", cfg)
+    m = evaluate(tmp_path / "mp", mp_shards, "test")
+    assert set(m["targets"]) == {"band_gap_eV", "formation_energy_per_atom_eV", "K_VRH_GPa", "G_VRH_GPa"}
+    assert m["targets"]["K_VRH_GPa"]["count"] < m["targets"]["band_gap_eV"]["count"]
+    assert "log10" in m["targets"]["K_VRH_GPa"]
+    out = tmp_path / "p.csv"
+    cif = tmp_path / "x.cif"
+    cif.write_text(next(iter(mp_cif_texts(1).values())))
+    predict(tmp_path / "mp", [str(cif)], out)
+    row = next(csv.DictReader(open(out)))
+    assert float(row["K_VRH_GPa"]) > 0 and row["error"] == ""

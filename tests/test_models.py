@@ -1,0 +1,383 @@
+"""Encoders on real QM9 molecules and Materials Project crystals: shapes, invariances, fast paths."""
+from __future__ import annotations
+
+import tarfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+import dgl
+from pipeline import MolmatError
+from pipeline.config import PreprocessConfig
+from pipeline.featurize import featurize
+from pipeline.graphs import BOND_DIM, GraphBatch, collate
+from pipeline.models import ENCODERS, MPNN, MPNNConfig, SchNet, SchNetConfig, build_encoder
+from pipeline.models import mpnn as mpnn_module
+from pipeline.models.mpnn import EDGE_TYPES, add_virtual_edges, edge_types
+from pipeline.readers import RawRecord
+from pipeline.shards import ShardDataset
+
+MESSAGES = ("edge_network", "pair", "ggnn")
+READOUTS = ("set2set", "sum", "mean")
+OPTIONS: list[dict[str, Any]] = [{}, {"master_node": True}, {"virtual_edges": True}, {"towers": 2}]
+# neighbour lists complete to 5 A, so a supercell sees exactly the same environments
+CRYSTAL_CFG = PreprocessConfig(crystal={"cutoff": 5.0, "max_neighbors": 200})
+CRYSTAL_IDS = ("mp-1008676", "mp-1016928", "mp-11114")  # TiS2 (3 atoms), MgSiO3 (5), KCuPdSe5 (16, triclinic)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> None:
+    torch.testing.assert_close(a.detach().double(), b.detach().double(), atol=tol, rtol=tol)
+
+
+@pytest.fixture(scope="module")
+def qm9_records(qm9_shards: Path) -> list[dict[str, Any]]:
+    """The first 24 real QM9 records."""
+    ds = ShardDataset(qm9_shards)
+    return [ds[i] for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def mp_records(mp_shards: Path) -> list[dict[str, Any]]:
+    """The first 24 real Materials Project records."""
+    ds = ShardDataset(mp_shards)
+    return [ds[i] for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def mp_structures(datasets_dir: Path) -> list[Any]:
+    """A few real MP crystals as pymatgen Structures, read from the shipped CIF archive."""
+    from pymatgen.core import Structure
+
+    out = []
+    with tarfile.open(datasets_dir / "mp" / "cifs.tar.gz") as tf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen's CIF parser warns about rounding
+        for rid in CRYSTAL_IDS:
+            out.append(Structure.from_str(tf.extractfile(f"{rid}.cif").read().decode(), fmt="cif"))
+    return out
+
+
+def permute_record(rec: dict[str, Any], perm: np.ndarray) -> dict[str, Any]:
+    """Same structure with atom ``perm[i]`` moved to position ``i``; every index array remapped."""
+    new_index = np.empty_like(perm)
+    new_index[perm] = np.arange(len(perm))
+    out = dict(rec)
+    for key in ("z", "atom_feat", "pos"):
+        if key in rec:
+            out[key] = rec[key][perm]
+    for key in ("bond_index", "nbr_index"):
+        if key in rec:
+            out[key] = new_index[rec[key]].astype(rec[key].dtype)
+    return out
+
+
+def crystal_record(structure: Any) -> dict[str, Any]:
+    """Featurise a pymatgen Structure exactly as preprocessing does (with :data:`CRYSTAL_CFG`)."""
+    raw = RawRecord(source="test", rid="x", kind="crystal", fmt="pymatgen", data=structure.as_dict(), labels={})
+    return featurize(raw, [], CRYSTAL_CFG)
+
+
+def random_rotation(seed: int) -> np.ndarray:
+    """A proper rotation matrix (3, 3) from a QR decomposition."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def unlabelled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records without targets, so molecules and crystals (different target lists) share a batch."""
+    return [dict(r, y=np.zeros(0)) for r in records]
+
+
+def _mpnn(**kwargs: Any) -> MPNN:
+    torch.manual_seed(0)
+    return MPNN(MPNNConfig(**{"hidden": 16, "steps": 2, **kwargs})).eval()
+
+
+def _schnet(**kwargs: Any) -> SchNet:
+    torch.manual_seed(0)
+    return SchNet(SchNetConfig(**{"hidden": 16, "interactions": 2, "n_rbf": 20, **kwargs})).eval()
+
+
+# ------------------------------------------------------------------------------------------ MPNN
+@pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.parametrize("readout", READOUTS)
+def test_mpnn_shapes_every_message_and_readout(message: str, readout: str, qm9_records: list, mp_records: list) -> None:
+    net = _mpnn(message=message, readout=readout)
+    assert net.out_dim == (32 if readout == "set2set" else 16) and net.node_dim == 16
+    for records in (qm9_records, mp_records):
+        batch = collate(records)
+        with torch.no_grad():
+            graph, nodes = net(batch)
+        assert graph.shape == (len(records), net.out_dim)
+        assert nodes.shape == (batch.g2d.num_nodes(), 16)
+        assert torch.isfinite(graph).all() and torch.isfinite(nodes).all()
+
+
+@pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.parametrize("option", OPTIONS[1:], ids=lambda o: next(iter(o)))
+def test_mpnn_options_shapes_and_batch_independence(message: str, option: dict, qm9_records: list,
+                                                    mp_records: list) -> None:
+    """Each graph's embedding in a batch equals its embedding alone: nothing leaks between graphs."""
+    net = _mpnn(message=message, **option)
+    for records in (qm9_records, mp_records):
+        batch = collate(records)
+        with torch.no_grad():
+            graph, nodes = net(batch)
+            alone = torch.cat([net(collate([r]))[0] for r in records[:4]])
+        assert graph.shape == (len(records), 32) and nodes.shape == (batch.g2d.num_nodes(), 16)
+        assert torch.isfinite(graph).all()
+        _close(graph[:4], alone)
+        assert not torch.allclose(graph[0], graph[1])
+
+
+def test_mpnn_reads_only_the_2d_graph(qm9_records: list) -> None:
+    net = _mpnn()
+    batch = collate(qm9_records[:6])
+    with torch.no_grad():
+        ref, _ = net(batch)
+        batch.g3d = None
+        no3d, _ = net(batch)
+    _close(ref, no3d, 0.0)
+
+
+@pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: next(iter(o), "plain"))
+def test_mpnn_permutation_invariance(message: str, option: dict, qm9_records: list, mp_records: list) -> None:
+    rng = np.random.default_rng(1)
+    molecules = [r for r in qm9_records if len(r["z"]) >= 9][:3]
+    records = unlabelled(molecules + [r for r in mp_records if len(r["z"]) >= 4][:1])
+    perms = [rng.permutation(len(r["z"])) for r in records]
+    permuted = [permute_record(r, p) for r, p in zip(records, perms)]
+    net = _mpnn(message=message, **option)
+    with torch.no_grad():
+        graph, nodes = net(collate(records))
+        graph_p, nodes_p = net(collate(permuted))
+    _close(graph, graph_p)
+    offsets = np.concatenate([[0], np.cumsum([len(r["z"]) for r in records])[:-1]])
+    order = torch.from_numpy(np.concatenate([p + o for p, o in zip(perms, offsets)]))
+    _close(nodes[order], nodes_p)  # node states are equivariant
+    assert not torch.allclose(nodes[order], nodes)
+
+
+@pytest.mark.parametrize("records_name", ["qm9_records", "mp_records"])
+@pytest.mark.parametrize("option", [{}, {"virtual_edges": True}, {"towers": 2}, {"master_node": True}],
+                         ids=["plain", "virtual", "towers", "master"])
+def test_edge_network_unique_path_equals_per_edge(records_name: str, option: dict, request: pytest.FixtureRequest,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = collate(request.getfixturevalue(records_name))
+    net = _mpnn(**option)
+    e = batch.g2d.edata["e"]
+    if option.get("virtual_edges"):
+        e = add_virtual_edges(batch.g2d, e)[1]
+    n_unique = torch.unique(e, dim=0).shape[0]
+    assert n_unique * 16 <= mpnn_module.UNIQUE_PATH_MAX  # so the default path is the dense per-type one
+    with torch.no_grad():
+        fast, fast_nodes = net(batch)
+        monkeypatch.setattr(mpnn_module, "UNIQUE_PATH_MAX", 0)  # distinct rows, gathered per edge
+        gathered, _ = net(batch)
+        net.force_per_edge = True  # A evaluated on every edge's own features
+        slow, slow_nodes = net(batch)
+    _close(fast, slow, 1e-5)
+    _close(fast_nodes, slow_nodes, 1e-5)
+    _close(gathered, slow, 1e-5)
+
+
+def test_ggnn_dense_path_equals_per_edge(qm9_records: list, mp_records: list) -> None:
+    net = _mpnn(message="ggnn", virtual_edges=True)
+    batch = collate(unlabelled(qm9_records[:8] + mp_records[:8]))
+    with torch.no_grad():
+        fast, _ = net(batch)
+        net.force_per_edge = True
+        slow, _ = net(batch)
+    _close(fast, slow, 1e-5)
+
+
+def test_add_virtual_edges_completes_each_graph(qm9_records: list, mp_records: list) -> None:
+    records = unlabelled(qm9_records[:6] + mp_records[:4])
+    batch = collate(records)
+    g, feat = add_virtual_edges(batch.g2d, batch.g2d.edata["e"])
+    n = batch.n_atoms
+    assert feat.shape == (g.num_edges(), BOND_DIM + 1)
+    src, dst = g.edges()
+    graph_of_node = torch.repeat_interleave(torch.arange(len(records)), n)
+    assert torch.equal(graph_of_node[src], graph_of_node[dst])  # never across graphs
+    assert torch.equal(torch.repeat_interleave(torch.arange(len(records)), g.batch_num_edges()), graph_of_node[dst])
+    virtual = feat[:, BOND_DIM] == 1
+    assert torch.all(feat[virtual, :BOND_DIM] == 0)
+    vs, vd = src[virtual], dst[virtual]
+    assert torch.all(vs != vd)
+    keys = vs * g.num_nodes() + vd
+    assert keys.unique().numel() == keys.numel()
+    assert torch.equal(keys.sort().values, (vd * g.num_nodes() + vs).sort().values)  # both directions
+    old = batch.g2d.edata["e"]
+    torch.testing.assert_close(feat[~virtual, :BOND_DIM], old)
+    for i, r in enumerate(records[:6]):  # molecules: virtual + bonds (both ways) = all ordered pairs
+        nb = r["bond_index"].shape[1]
+        assert int(g.batch_num_edges()[i]) == len(r["z"]) * (len(r["z"]) - 1)
+        assert int((graph_of_node[vd] == i).sum()) == len(r["z"]) * (len(r["z"]) - 1) - 2 * nb
+    assert torch.equal(g.batch_num_nodes(), batch.g2d.batch_num_nodes())
+
+
+def test_edge_types_follow_bond_columns(qm9_records: list, mp_records: list) -> None:
+    batch = collate(unlabelled(qm9_records[:10] + mp_records[:3]))
+    g, feat = add_virtual_edges(batch.g2d, batch.g2d.edata["e"])
+    types = edge_types(feat)
+    bond_kinds = np.concatenate([r["bond_feat"][:, 0] for r in qm9_records[:10]]).astype(np.int64)
+    for code in range(1, 5):  # single, double, triple, aromatic; every bond appears twice
+        assert int((types == code - 1).sum()) == 2 * int((bond_kinds == code).sum())
+    n_crystal_edges = sum(r["nbr_index"].shape[1] for r in mp_records[:3])
+    assert int((types == EDGE_TYPES.index("crystal_neighbour")).sum()) == n_crystal_edges
+    assert int((types == EDGE_TYPES.index("virtual")).sum()) == int(feat[:, BOND_DIM].sum())
+
+
+# ---------------------------------------------------------------------------------------- SchNet
+def test_schnet_shapes(qm9_records: list, mp_records: list) -> None:
+    net = _schnet(readout="sum")
+    assert net.out_dim == net.node_dim == 16
+    for records in (qm9_records, mp_records):
+        batch = collate(records)
+        with torch.no_grad():
+            graph, nodes = net(batch)
+        assert graph.shape == (len(records), 16) and nodes.shape == (batch.g3d.num_nodes(), 16)
+        assert torch.isfinite(graph).all()
+        assert not torch.allclose(graph[0], graph[1])
+
+
+def test_schnet_molecule_rotation_translation_permutation(qm9_records: list) -> None:
+    records = [r for r in qm9_records if len(r["z"]) >= 9][:4]
+    net = _schnet()
+    rot = random_rotation(0)
+    moved = [dict(r, pos=r["pos"] @ rot.T + np.array([3.1, -7.2, 0.4])) for r in records]
+    rng = np.random.default_rng(2)
+    permuted = [permute_record(r, rng.permutation(len(r["z"]))) for r in records]
+    with torch.no_grad():
+        ref, _ = net(collate(records))
+        _close(ref, net(collate(moved))[0])
+        _close(ref, net(collate(permuted))[0])
+        # a geometry change the model should see, so the checks above can fail
+        bent = [dict(r, pos=r["pos"] * 1.05) for r in records]
+        assert (net(collate(bent))[0] - ref).abs().max() > 1e-3
+
+
+def test_schnet_crystal_cell_choice(mp_structures: list) -> None:
+    """Same crystal, other cells: 2x1x1 supercell, another basis, atoms shifted and wrapped, rotated."""
+    from pymatgen.core import Lattice, Structure
+
+    net_mean, net_sum = _schnet(cutoff=5.0), _schnet(cutoff=5.0, readout="sum")
+    rot = random_rotation(3)
+    variants: dict[str, list[Any]] = {"super": [], "basis": [], "wrapped": [], "rotated": []}
+    for s in mp_structures:
+        variants["super"].append(s.copy().make_supercell([2, 1, 1], in_place=False))
+        variants["basis"].append(s.copy().make_supercell([[1, 1, 0], [0, 1, 0], [0, 0, 1]], in_place=False))
+        variants["wrapped"].append(Structure(s.lattice, s.species, (s.frac_coords + 0.37) % 1.0))
+        variants["rotated"].append(Structure(Lattice(s.lattice.matrix @ rot.T), s.species, s.frac_coords))
+    base = collate([crystal_record(s) for s in mp_structures])
+    with torch.no_grad():
+        ref, ref_sum = net_mean(base)[0], net_sum(base)[0]
+        assert torch.cdist(ref, ref).fill_diagonal_(1.0).min() > 1e-3  # the crystals are told apart
+        for name, structures in variants.items():
+            batch = collate([crystal_record(s) for s in structures])
+            _close(ref, net_mean(batch)[0])
+            factor = 2.0 if name == "super" else 1.0  # sum readout is extensive
+            _close(factor * ref_sum, net_sum(batch)[0])
+
+
+def test_schnet_ignores_edges_beyond_its_cutoff(qm9_records: list) -> None:
+    records = qm9_records[10:16]
+    trimmed = []
+    for r in records:
+        src, dst = r["nbr_index"]
+        keep = np.linalg.norm(r["pos"][src] - r["pos"][dst], axis=1) < 3.0
+        assert not keep.all()
+        trimmed.append(dict(r, nbr_index=r["nbr_index"][:, keep], nbr_image=r["nbr_image"][keep]))
+    net = _schnet(cutoff=3.0)
+    with torch.no_grad():
+        _close(net(collate(records))[0], net(collate(trimmed))[0], 1e-5)
+        assert (_schnet(cutoff=5.0)(collate(records))[0] - net(collate(records))[0]).abs().max() > 1e-3
+
+
+def test_schnet_continuous_as_an_edge_crosses_the_cutoff(qm9_records: list) -> None:
+    record = next(r for r in qm9_records if len(r["z"]) >= 9)
+    src, dst = record["nbr_index"]
+    d = np.linalg.norm(record["pos"][src] - record["pos"][dst], axis=1)
+    d0 = d[np.argmin(np.abs(d - 3.0))]
+    net = _schnet(cutoff=3.0)
+    outputs, counts = [], []
+    for target in (3.0 - 1e-4, 3.0 + 1e-4):  # scale the molecule so that pair moves across 3.0 A
+        scaled = dict(record, pos=record["pos"] * (target / d0))
+        counts.append(int((d * target / d0 < 3.0).sum()))
+        with torch.no_grad():
+            outputs.append(net(collate([scaled]))[0])
+    assert counts[0] > counts[1]  # an edge really left the cutoff sphere
+    _close(outputs[0], outputs[1], 1e-3)
+
+
+def test_schnet_interaction_matches_dense_reference(qm9_records: list) -> None:
+    """cfconv on the graph equals the all-pairs sum ``h_i + f_out(sum_j f_in(h_j) * W(d_ij) f_c(d_ij))``."""
+    from pipeline.models.schnet import cosine_cutoff
+
+    record = next(r for r in qm9_records if len(r["z"]) >= 12)
+    net = _schnet(cutoff=4.0)
+    batch = collate([record])
+    pos = batch.g3d.ndata["pos"]
+    with torch.no_grad():
+        h = net.embedding(batch.g3d.ndata["z"])
+        dist = torch.cdist(pos, pos)
+        block = net.interactions[0]
+        w = block.filter(net.rbf(dist)) * cosine_cutoff(dist, 4.0).unsqueeze(-1)
+        w = w * (~torch.eye(len(pos), dtype=torch.bool)).unsqueeze(-1)  # no self-interaction
+        dense = h + block.f2out(torch.einsum("ijh,jh->ih", w, block.in2f(h)))
+        d_edges = dist[batch.g3d.edges()[0], batch.g3d.edges()[1]]
+        keep = d_edges < 4.0
+        g = dgl.graph((batch.g3d.edges()[0][keep], batch.g3d.edges()[1][keep]), num_nodes=len(pos))
+        graph = block(g, h, net.rbf(d_edges[keep]), cosine_cutoff(d_edges[keep], 4.0))
+    _close(graph, dense, 1e-5)
+
+
+@pytest.mark.parametrize("records_name", ["qm9_records", "mp_records"])
+def test_schnet_position_gradients(records_name: str, request: pytest.FixtureRequest) -> None:
+    batch: GraphBatch = collate(request.getfixturevalue(records_name)[:8])
+    net = _schnet(cutoff=4.0)
+    pos = batch.g3d.ndata["pos"].clone().requires_grad_(True)
+    graph, _ = net(batch, pos)
+    (grad,) = torch.autograd.grad(graph.sum(), pos)
+    assert torch.isfinite(grad).all()
+    assert grad.abs().max() > 1e-4
+    # translating all atoms of one structure changes nothing, so its gradients sum to zero
+    per_graph = torch.zeros(batch.num_graphs, 3, dtype=torch.float64).index_add_(
+        0, torch.repeat_interleave(torch.arange(batch.num_graphs), batch.n_atoms), grad.double())
+    assert per_graph.abs().max() < 1e-4
+
+
+def test_schnet_needs_3d(qm9_records: list) -> None:
+    batch = collate(qm9_records[:2])
+    batch.g3d = None
+    with pytest.raises(MolmatError, match="3D"):
+        _schnet()(batch)
+    with pytest.raises(MolmatError, match="cutoff"):
+        _schnet(cutoff=6.0).check_cutoff(5.0)
+    _schnet(cutoff=5.0).check_cutoff(5.0)
+
+
+# ------------------------------------------------------------------------------- configs, build
+def test_build_encoder_and_configs() -> None:
+    assert set(ENCODERS) == {"mpnn", "schnet"}
+    net = build_encoder("mpnn", {"hidden": 8, "readout": "sum"})
+    assert isinstance(net, MPNN) and net.out_dim == 8
+    assert isinstance(build_encoder("schnet", SchNetConfig(hidden=8)), SchNet)
+    assert build_encoder("mpnn", None).out_dim == 128  # defaults: hidden 64, set2set
+    with pytest.raises(MolmatError, match="mpnn, schnet"):
+        build_encoder("gin", {})
+    with pytest.raises(MolmatError, match="hiden"):
+        build_encoder("mpnn", {"hiden": 8})
+    with pytest.raises(MolmatError, match="towers"):
+        build_encoder("mpnn", {"hidden": 10, "towers": 3})
+    with pytest.raises(MolmatError, match="readout"):
+        build_encoder("schnet", {"readout": "set2set"})
+    with pytest.raises(ValidationError):
+        MPNNConfig(message="gcn")
