@@ -111,9 +111,24 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     if split.get("records") != manifest["records"]:
         raise MolmatError(f"{data}/split.json covers {split.get('records')} records but the shards hold {manifest['records']}")
     specs = target_specs(manifest["targets"], fcfg.targets, fcfg.log10_targets, fcfg.extensive_targets, fcfg.loss_weights)
+    init = init or fcfg.init
+    if init:
+        # A pretrained encoder brings its architecture: the fine-tuning model must match it.
+        from pretrain import read_encoder_config
+
+        enc_model = read_encoder_config(init)["model"]
+        config = config.model_copy(deep=True)
+        config.model.mpnn = type(config.model.mpnn).model_validate(enc_model["mpnn"])
+        config.model.schnet = type(config.model.schnet).model_validate(enc_model["schnet"])
+        if rank == 0:
+            log.info("fine-tuning from %s: encoder architecture taken from it", init)
     seed_everything(tcfg.seed)
     device = device or pick_device(tcfg.device)
-    train_set = ShardDataset(data, split["train"])
+    train_idx = split["train"]
+    if fcfg.max_train is not None and fcfg.max_train < len(train_idx):
+        pick = np.random.default_rng(split["seed"]).permutation(len(train_idx))[: fcfg.max_train]
+        train_idx = sorted(train_idx[i] for i in pick)
+    train_set = ShardDataset(data, train_idx)
     val_set = ShardDataset(data, split["val"] or split["train"])
     if len(train_set) == 0:
         raise MolmatError(f"{data}: the train split is empty")
@@ -128,10 +143,12 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         # Molecule and crystal graphs can sit in one directory: the smaller cutoff binds.
         model.encoder3d.check_cutoff(min(feat["molecule_cutoff"], feat["crystal_cutoff"]) if _has_molecules(manifest)
                                      else feat["crystal_cutoff"], str(data))
-    init = init or fcfg.init
     if init:
-        raise MolmatError("--init needs an encoder directory from `molmat pretrain`, which is not built yet "
-                          "(3D Infomax pretraining is a separate, open issue)")
+        from pretrain import load_encoder_into
+
+        loaded = load_encoder_into(model, init, manifest)
+        if rank == 0:
+            log.info("initialised %s from %s", ", ".join(loaded), init)
     model.fit_normalization(make_loader(train_set, 256, None, tcfg.num_workers))
     model.to(device)
     groups = _param_groups(model, fcfg.freeze_encoder, fcfg.encoder_lr, tcfg.lr)

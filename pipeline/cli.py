@@ -116,6 +116,38 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """``molmat pretrain --data SHARDS... --out ENC``."""
+    from pipeline import distributed
+    from pipeline.training import pick_device
+    from pretrain.train import pretrain
+
+    cfg = _config(args)
+    denv = distributed.detect()
+    device = distributed.setup(denv, pick_device(cfg.train.device))
+    try:
+        result = pretrain(args.data, args.out, cfg, rank=denv.rank, world_size=denv.world_size, device=device)
+    finally:
+        distributed.teardown()
+    if result.stopped_by == "signal":
+        if denv.rank == 0:
+            print(f"pretrain: stopped by a signal; state in {Path(args.out) / 'last.pt'}; re-run to resume", file=sys.stderr)
+        return EXIT_REQUEUE
+    if denv.rank == 0:
+        print(f"pretrain: {result.epochs_run} epoch(s), {result.steps} steps, stopped by {result.stopped_by}; "
+              f"best val_loss {result.best_metric:.4g} at epoch {result.best_epoch}; encoder in {args.out}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """``molmat embed RUN_OR_ENC INPUT... --out FILE``."""
+    from pretrain.embed import embed
+
+    n = embed(args.path, args.inputs, args.out, which=args.which, fmt=args.format or "auto")
+    print(f"wrote {n} embedding(s) to {args.out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--out DIR]``."""
     from finetune.evaluate import evaluate
@@ -219,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="re-read every record and check its checksum")
     _common(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("pretrain", help="3D Infomax: align the 2D MPNN with the 3D encoder on shards")
+    p.add_argument("--data", required=True, nargs="+", help="shard directories (molecules and/or crystals)")
+    p.add_argument("--out", required=True, help="encoder directory")
+    _common(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("embed", help="embeddings of raw structures from an encoder or model directory")
+    p.add_argument("path", metavar="RUN_OR_ENC", help="encoder directory (molmat pretrain) or run/model directory")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, help="output .npz (or .csv)")
+    p.add_argument("--which", default="2d", choices=["2d", "3d"], help="encoder of an encoder directory")
+    p.add_argument("--format", help="input format (default: detect)")
+    _common(p)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("finetune", help="train property heads (and the encoder) on shards")
     p.add_argument("--data", required=True, help="shard directory (with split.json)")

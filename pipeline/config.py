@@ -141,9 +141,20 @@ class FinetuneConfig(_Section):
     head_hidden: int = Field(128, ge=1)
     head_layers: int = Field(2, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
+    max_train: int | None = Field(None, ge=1, description="use a seeded subset of this many training records "
+                                                          "(label-scarce experiments); val and test are unchanged")
     init: str | None = Field(None, description="pretrained encoder directory (molmat pretrain)")
     freeze_encoder: bool = False
     encoder_lr: float | None = Field(None, gt=0, description="own learning rate for a pretrained encoder")
+
+
+class PretrainConfig(_Section):
+    """3D Infomax: contrastive alignment of the 2D MPNN with the 3D encoder."""
+
+    temperature: float = Field(0.1, gt=0, description="NT-Xent temperature")
+    proj_dim: int = Field(64, ge=1, description="projection head output width")
+    proj_hidden: int = Field(128, ge=1)
+    use_conformers: bool = Field(True, description="stored extra conformers are extra positive 3D views")
 
 
 class Config(_Section):
@@ -154,6 +165,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 

@@ -81,14 +81,14 @@ class EpochSampler(Sampler[int]):
 
 
 def make_loader(dataset: Any, batch_size: int, sampler: Sampler | None = None, num_workers: int = 0,
-                shuffle_seed: int | None = None) -> DataLoader:
-    """DataLoader over shard records that yields :class:`GraphBatch` objects."""
+                shuffle_seed: int | None = None, collate_fn: Callable[[list], Any] = collate) -> DataLoader:
+    """DataLoader over shard records that yields batches (:class:`GraphBatch` by default)."""
     if sampler is None and shuffle_seed is not None:
         sampler = EpochSampler(len(dataset), shuffle_seed)
     # A private generator: DataLoader would otherwise draw its worker seed from the global RNG at
     # each epoch start, and a run resumed mid-epoch would then diverge from an uninterrupted one.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate, persistent_workers=False, drop_last=False,
+                      collate_fn=collate_fn, persistent_workers=False, drop_last=False,
                       generator=torch.Generator().manual_seed(shuffle_seed or 0))
 
 
@@ -163,12 +163,14 @@ class Trainer:
         out: run directory for ``last.pt``, ``metrics.csv``.
         param_groups: optional optimizer parameter groups (e.g. a separate encoder learning rate).
         rank, world_size: distributed position; only rank 0 writes files and logs.
+        device: where batches go (default from ``cfg.device``).
+        collate_fn: records -> batch with a ``.to(device)`` method (default :func:`collate`).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, eval_fn: EvalFn, monitor: str,
                  save_best: Callable[[], None], train_set: Any, val_set: Any, cfg: TrainConfig, out: str | Path,
                  param_groups: Sequence[dict[str, Any]] | None = None, rank: int = 0, world_size: int = 1,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, collate_fn: Callable[[list], Any] = collate) -> None:
         self.model, self.loss_fn, self.eval_fn, self.monitor = model, loss_fn, eval_fn, monitor
         self.save_best, self.cfg, self.out = save_best, cfg, Path(out)
         self.rank, self.world = rank, world_size
@@ -186,8 +188,8 @@ class Trainer:
             log.info("effective batch size %d (%d per process x %d), lr %.3g (scaling rule: %s)",
                      cfg.batch_size * world_size, cfg.batch_size, world_size, lr, cfg.lr_scaling)
         self.sampler = EpochSampler(len(train_set), cfg.seed, shuffle=True, rank=rank, world_size=world_size)
-        self.train_loader = make_loader(train_set, cfg.batch_size, self.sampler, cfg.num_workers)
-        self.val_loader = make_loader(val_set, cfg.batch_size, None, cfg.num_workers)
+        self.train_loader = make_loader(train_set, cfg.batch_size, self.sampler, cfg.num_workers, collate_fn=collate_fn)
+        self.val_loader = make_loader(val_set, cfg.batch_size, None, cfg.num_workers, collate_fn=collate_fn)
         steps_per_epoch = math.ceil(len(self.sampler.order()) / cfg.batch_size)
         self.steps_per_epoch = steps_per_epoch
         self.schedule = _Schedule(self.optimizer, cfg, steps_per_epoch * cfg.epochs)

@@ -1,0 +1,80 @@
+"""``molmat embed``: embeddings of raw structures from an encoder or a fine-tuned model."""
+from __future__ import annotations
+
+import csv
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import MolmatError
+from pipeline.graphs import collate
+
+
+def _embedder(path: str | Path, which: str) -> tuple[Any, dict[str, Any]]:
+    """(callable batch -> (B, D) embeddings, preprocess config) for an encoder or model directory."""
+    p = Path(path)
+    if (p / "encoder.pt").exists():
+        from pretrain import load_encoder
+
+        enc = load_encoder(p, which)
+        return (lambda b: enc(b)[0]), enc.meta["preprocess"]
+    from finetune.io import load_model
+
+    model = load_model(p)
+    return model.embed, model.meta["preprocess"]
+
+
+@torch.no_grad()
+def embed(path: str | Path, inputs: list[str], out: str | Path, which: str = "2d", fmt: str = "auto",
+          batch_size: int = 64) -> int:
+    """Write one embedding per input structure to ``out`` (``.npz`` or ``.csv``); returns the count.
+
+    ``.npz`` holds ``ids``, ``sources``, ``errors`` (empty string when fine) as unicode arrays and
+    ``embeddings`` (n, D) float32 (NaN rows for inputs that failed); it loads with
+    ``np.load(allow_pickle=False)``.
+    """
+    from finetune.predict import featurized_inputs
+
+    fn, preprocess = _embedder(path, which)
+    ids, sources, errors, rows = [], [], [], []
+    pending: list[tuple[int, dict[str, Any]]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        emb = fn(collate([r for _, r in pending])).float().numpy()
+        for (slot, _), e in zip(pending, emb):
+            rows[slot] = e
+        pending.clear()
+
+    for rec in featurized_inputs(inputs, preprocess, fmt):
+        ids.append(str(rec["_id"]))
+        sources.append(str(rec["_source"]))
+        errors.append(rec.get("_error", ""))
+        rows.append(None)
+        if "_error" not in rec:
+            pending.append((len(rows) - 1, rec))
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    width = next((len(r) for r in rows if r is not None), 0)
+    if width == 0 and rows:
+        raise MolmatError("no input could be embedded: " + "; ".join(sorted(set(errors)))[:500])
+    matrix = np.stack([r if r is not None else np.full(width, np.nan, np.float32) for r in rows]) if rows else np.zeros((0, 0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        with open(out, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "source", "error"] + [f"e{i}" for i in range(width)])
+            for i in range(len(ids)):
+                w.writerow([ids[i], sources[i], errors[i]] + ([repr(float(v)) for v in matrix[i]] if not errors[i] else [""] * width))
+    else:
+        np.savez(out, ids=np.array(ids, dtype=str), sources=np.array(sources, dtype=str),
+                 errors=np.array(errors, dtype=str), embeddings=matrix.astype(np.float32))
+    return len(ids)
+
+
