@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline import MolmatError, __version__
 from pipeline.config import Config, load_config
@@ -91,9 +91,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ finetune & co.
-def cmd_finetune(args: argparse.Namespace) -> int:
-    """``molmat finetune --data SHARDS --out RUN [--init ENCODER_DIR]``."""
-    from finetune.train import finetune
+def _distributed_stage(name: str, run: Callable[..., Any], args: argparse.Namespace, product: Path) -> int:
+    """Run a training stage as one process, or as one rank under torchrun/srun.
+
+    ``run(rank=, world_size=, device=)`` returns a TrainResult. A stop by SIGTERM/SIGUSR1 exits
+    with :data:`EXIT_REQUEUE` on every rank, so that a Slurm script can requeue the job.
+    """
     from pipeline import distributed
     from pipeline.training import pick_device
 
@@ -101,42 +104,34 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     denv = distributed.detect()
     device = distributed.setup(denv, pick_device(cfg.train.device))
     try:
-        result = finetune(args.data, args.out, cfg, init=args.init, rank=denv.rank, world_size=denv.world_size,
-                          device=device)
-    finally:
-        distributed.teardown()
-    if denv.rank != 0:
-        return EXIT_REQUEUE if result.stopped_by == "signal" else 0
-    if result.stopped_by == "signal":
-        print(f"finetune: stopped by a signal; state saved in {Path(args.out) / 'last.pt'}; re-run to resume",
-              file=sys.stderr)
-        return EXIT_REQUEUE
-    print(f"finetune: {result.epochs_run} epoch(s), {result.steps} steps, stopped by {result.stopped_by}; "
-          f"best val_mae_scaled {result.best_metric:.4g} at epoch {result.best_epoch}; model in {Path(args.out) / 'best'}")
-    return 0
-
-
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    """``molmat pretrain --data SHARDS... --out ENC``."""
-    from pipeline import distributed
-    from pipeline.training import pick_device
-    from pretrain.train import pretrain
-
-    cfg = _config(args)
-    denv = distributed.detect()
-    device = distributed.setup(denv, pick_device(cfg.train.device))
-    try:
-        result = pretrain(args.data, args.out, cfg, rank=denv.rank, world_size=denv.world_size, device=device)
+        result = run(cfg, rank=denv.rank, world_size=denv.world_size, device=device)
     finally:
         distributed.teardown()
     if result.stopped_by == "signal":
         if denv.rank == 0:
-            print(f"pretrain: stopped by a signal; state in {Path(args.out) / 'last.pt'}; re-run to resume", file=sys.stderr)
+            print(f"{name}: stopped by a signal; state saved in {Path(args.out) / 'last.pt'}; re-run the same "
+                  "command to resume", file=sys.stderr)
         return EXIT_REQUEUE
     if denv.rank == 0:
-        print(f"pretrain: {result.epochs_run} epoch(s), {result.steps} steps, stopped by {result.stopped_by}; "
-              f"best val_loss {result.best_metric:.4g} at epoch {result.best_epoch}; encoder in {args.out}")
+        print(f"{name}: {result.epochs_run} epoch(s), {result.steps} steps, stopped by {result.stopped_by}; best "
+              f"validation {result.best_metric:.4g} at epoch {result.best_epoch}; output in {product}")
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``molmat finetune --data SHARDS --out RUN [--init ENCODER_DIR]``."""
+    from finetune.train import finetune
+
+    return _distributed_stage("finetune", lambda cfg, **kw: finetune(args.data, args.out, cfg, init=args.init, **kw),
+                              args, Path(args.out) / "best")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """``molmat pretrain --data SHARDS... --out ENC``."""
+    from pretrain.train import pretrain
+
+    return _distributed_stage("pretrain", lambda cfg, **kw: pretrain(args.data, args.out, cfg, **kw), args,
+                              Path(args.out))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -77,7 +78,12 @@ def _resolve_targets(readers: list[SourceReader], wanted: list[str] | None, unit
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(targets: list[str], cfg_json: str) -> None:
+def _init_worker(targets: list[str], cfg_json: str, in_pool: bool = False) -> None:
+    if in_pool:
+        # A forked worker inherits the parent's Python signal handlers (a trainer's SIGTERM flag,
+        # for one); Pool.terminate relies on SIGTERM killing workers, so restore the default.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
     _WORKER["targets"] = targets
     _WORKER["cfg"] = PreprocessConfig.model_validate_json(cfg_json)
 
@@ -257,7 +263,7 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
         writer.close(meta)
 
     ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context("spawn")
-    pool = ctx.Pool(n_workers, initializer=_init_worker, initargs=(target_names, cfg.model_dump_json())) if n_workers > 0 else None
+    pool = ctx.Pool(n_workers, initializer=_init_worker, initargs=(target_names, cfg.model_dump_json(), True)) if n_workers > 0 else None
     if pool is None:
         _init_worker(target_names, cfg.model_dump_json())
     try:
@@ -281,14 +287,17 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
         if writer is not None:
             finish_shard()
             writer = None
+        if pool is not None:
+            pool.close()
     except BaseException:
         if writer is not None:
             writer.abort()
+        if pool is not None:
+            pool.terminate()
         raise
     finally:
         progress.close()
         if pool is not None:
-            pool.terminate()
             pool.join()
 
     n_seen = counter["seen"]

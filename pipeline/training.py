@@ -241,11 +241,18 @@ class Trainer:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGUSR1 (Slurm preemption): finish the step, write last.pt, stop."""
+        self._previous_handlers = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                signal.signal(sig, self._on_signal)
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not in the main thread (e.g. inside a notebook worker)
                 pass
+
+    def restore_signal_handlers(self) -> None:
+        """Put back the handlers that were there before :meth:`install_signal_handlers`."""
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     # ------------------------------------------------------------------------------------ loop
     def _log_metrics(self, row: dict[str, Any]) -> None:
@@ -265,9 +272,15 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train until the epoch limit, early stopping, the time budget or a stop signal."""
-        cfg = self.cfg
         self.try_resume()
         self.install_signal_handlers()
+        try:
+            return self._loop()
+        finally:
+            self.restore_signal_handlers()
+
+    def _loop(self) -> TrainResult:
+        cfg = self.cfg
         if cfg.tensorboard and self.rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -59,3 +59,15 @@ def test_launcher_detection(monkeypatch):
     assert detect().launcher == "torchrun"
     assert first_slurm_host("node17") == "node17"
     assert scaled_lr(1e-3, 4, "linear") == 4e-3 and scaled_lr(1e-3, 4, "sqrt") == 2e-3 and scaled_lr(1e-3, 4, "none") == 1e-3
+
+
+def test_two_process_pretraining_runs(qm9_shards, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                        "-m", "pipeline.cli", "pretrain", "--data", str(qm9_shards), "--out", str(tmp_path / "enc")]
+                       + _sets(["model.mpnn.hidden=16", "model.mpnn.steps=1", "model.schnet.hidden=16",
+                                "model.schnet.interactions=1", "train.epochs=1", "train.batch_size=32"]),
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "enc" / "encoder.pt").exists()
+    assert r.stdout.count("pretrain: 1 epoch(s)") == 1, "only rank 0 reports"

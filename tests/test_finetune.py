@@ -170,3 +170,31 @@ def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
     predict(tmp_path / "mp", [str(cif)], out)
     row = next(csv.DictReader(open(out)))
     assert float(row["K_VRH_GPa"]) > 0 and row["error"] == ""
+
+
+def test_max_train_uses_a_nested_seeded_subset(qm9_shards, tmp_path):
+    for n in (40, 80):
+        finetune(qm9_shards, tmp_path / f"n{n}", _cfg("train.epochs=1", "finetune.targets=[gap_Ha]", f"finetune.max_train={n}"))
+        state = torch.load(tmp_path / f"n{n}" / "last.pt", weights_only=True)["state"]
+        assert state["step"] == -(-n // 32)  # one epoch over n records in batches of 32
+
+
+def test_molmat_run_end_to_end(tmp_path):
+    """The README's main command on the shipped samples, with a tiny budget."""
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--out", str(tmp_path / "run"),
+                        "--set", "run.finetune_minutes=0.05"] + [x for kv in SMALL for x in ("--set", kv)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[evaluate] qm9 test gap_Ha" in r.stdout and "[evaluate] mp test band_gap_eV" in r.stdout
+    for ds in ("qm9", "mp"):
+        assert (tmp_path / "run" / "models" / ds / "eval_test" / "metrics.json").exists()
+    assert (tmp_path / "run" / "config.resolved.yaml").exists()
+
+
+def test_trainer_restores_signal_handlers(qm9_shards, tmp_path):
+    """A trainer's SIGTERM flag handler must not outlive fit(): forked pools rely on SIGTERM killing."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    finetune(qm9_shards, tmp_path / "r", _cfg("train.epochs=1", "finetune.targets=[gap_Ha]", "finetune.max_train=32"))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
