@@ -30,10 +30,17 @@ def _venv_python() -> Path:
 
 
 def _install_fingerprint() -> str:
-    """Hash of the files that decide what gets installed."""
+    """Hash of what decides the install: pyproject, constraints and the list of packages.
+
+    The package list matters because an editable install maps each top-level package when it
+    is made; a package added later (a new `pretrain/`) is invisible to the `molmat` console
+    script until pip re-runs.
+    """
     h = hashlib.sha256()
     for name in ("pyproject.toml", "constraints.txt"):
         h.update((ROOT / name).read_bytes())
+    for pkg in sorted(d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()):
+        h.update(pkg.encode())
     return h.hexdigest()
 
 

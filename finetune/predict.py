@@ -10,8 +10,6 @@ import csv
 from pathlib import Path
 from typing import Any, Iterator
 
-
-
 from pipeline import MolmatError
 from pipeline.config import PreprocessConfig
 from pipeline.featurize import RecordError, featurize
@@ -36,8 +34,32 @@ def featurized_inputs(inputs: list[str], preprocess: dict[str, Any], fmt: str = 
             yield {"_id": Path(path).stem, "_source": str(path), "_error": str(exc)}
 
 
+def domain_check(rec: dict[str, Any], meta: dict[str, Any]) -> tuple[str, str]:
+    """(error, warning) for a featurised record against what a model was trained on.
+
+    A molecule given to a crystal model (or the reverse) is an error: the prediction would be
+    meaningless. Elements the model never saw in training give a prediction with a warning.
+    """
+    kinds = meta.get("kinds")
+    kind = str(rec.get("_kind", ""))
+    if kinds and kind and kind not in kinds:
+        return f"model was trained on {' and '.join(k + 's' for k in kinds)}, this input is a {kind}", ""
+    seen = meta.get("elements")
+    if seen:
+        from pipeline.featurize import symbol_of
+
+        unseen = sorted({symbol_of(int(z)) for z in rec["z"]} - set(seen))
+        if unseen:
+            return "", f"element(s) {', '.join(unseen)} not in the training data; the prediction is an extrapolation"
+    return "", ""
+
+
 def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "auto", batch_size: int = 64) -> int:
-    """Predict every target of a model for raw inputs and write a CSV; returns rows written."""
+    """Predict every target of a model for raw inputs and write a CSV; returns rows written.
+
+    Columns: ``id``, ``source``, one per target (physical units), ``error`` (why there is no
+    prediction) and ``warning`` (a prediction outside the training domain, e.g. a new element).
+    """
     model = load_model(run)
     names = [t.name for t in model.targets]
     out = Path(out)
@@ -45,7 +67,7 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
     rows = 0
     with open(out, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["id", "source"] + [f"{n}" for n in names] + ["error"])
+        w.writerow(["id", "source"] + [f"{n}" for n in names] + ["error", "warning"])
         pending: list[dict[str, Any]] = []
 
         def flush() -> None:
@@ -62,11 +84,18 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
                     failure = f"prediction failed: {exc}"
             for rec in pending:
                 error = rec.get("_error") or ("" if id(rec) in preds else failure)
-                w.writerow([rec["_id"], rec["_source"]] + preds.get(id(rec), [""] * len(names)) + [error])
+                w.writerow([rec["_id"], rec["_source"]] + preds.get(id(rec), [""] * len(names))
+                           + [error, rec.get("_warning", "")])
             rows += len(pending)
             pending.clear()
 
         for rec in featurized_inputs(inputs, model.meta["preprocess"], fmt):
+            if "_error" not in rec:
+                error, warning = domain_check(rec, model.meta)
+                if error:
+                    rec = {"_id": rec["_id"], "_source": rec["_source"], "_error": error}
+                elif warning:
+                    rec["_warning"] = warning
             pending.append(rec)
             if len(pending) >= batch_size:
                 flush()

@@ -14,6 +14,7 @@ from pipeline import MolmatError
 from pipeline.config import Config, write_resolved
 from pipeline.graphs import GraphBatch
 from pipeline.shards import ShardDataset, load_manifest
+from pipeline.distributed import gather_objects
 from pipeline.splits import load_split
 from pipeline.training import Trainer, TrainResult, make_loader, pick_device, seed_everything
 from finetune.io import check_compatible, save_model
@@ -76,7 +77,9 @@ def make_eval_fn(device: torch.device) -> Any:
     """Validation: per-target MAE in physical units and their mean scaled by each target's std."""
     def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
         inner = model.module if hasattr(model, "module") else model
-        out = predict_loader(inner, loader, device)
+        # each rank predicts its share of the validation batches; all ranks score the union
+        parts = gather_objects(predict_loader(inner, loader, device))
+        out = {k: np.concatenate([p[k] for p in parts]) for k in ("pred", "y", "mask")}
         metrics: dict[str, float] = {}
         scaled = []
         for j, spec in enumerate(inner.targets):
@@ -108,8 +111,11 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     fcfg, tcfg = config.finetune, config.train
     manifest = load_manifest(data)
     split = load_split(data)
-    if split.get("records") != manifest["records"]:
-        raise MolmatError(f"{data}/split.json covers {split.get('records')} records but the shards hold {manifest['records']}")
+    if not split["val"]:
+        # Early stopping and the choice of the best model need held-out data; monitoring the
+        # train split instead would report a training error as if it were a validation error.
+        raise MolmatError(f"{data}/split.json has an empty val split; fine-tuning needs one. Re-run preprocess "
+                          "with --set split.val=0.1 (the shards are kept, only split.json is rewritten)")
     specs = target_specs(manifest["targets"], fcfg.targets, fcfg.log10_targets, fcfg.extensive_targets, fcfg.loss_weights)
     init = init or fcfg.init
     if init:
@@ -129,7 +135,7 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         pick = np.random.default_rng(split["seed"]).permutation(len(train_idx))[: fcfg.max_train]
         train_idx = sorted(train_idx[i] for i in pick)
     train_set = ShardDataset(data, train_idx)
-    val_set = ShardDataset(data, split["val"] or split["train"])
+    val_set = ShardDataset(data, split["val"])
     if len(train_set) == 0:
         raise MolmatError(f"{data}: the train split is empty")
     # Targets are selected by column; the model sees only its own targets.
@@ -156,7 +162,8 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
             "featurization": manifest["featurization"], "preprocess": manifest["preprocess"],
             "elements": sorted(json.loads((Path(data) / "stats.json").read_text())["elements"]),
             "trained_on": str(Path(data).resolve()), "split": {k: split[k] for k in ("method", "seed")},
-            "init": str(init) if init else None}
+            "init": str(init) if init else None,
+            "kinds": sorted({"molecule" if i["format"] in MOLECULE_FORMATS else "crystal" for i in manifest["inputs"]})}
     if rank == 0:
         write_resolved(config, out)
 
@@ -174,9 +181,13 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     return result
 
 
+#: Input formats that hold molecules; the others hold crystals.
+MOLECULE_FORMATS = ("qm9_xyz", "sdf", "smiles_csv")
+
+
 def _has_molecules(manifest: dict[str, Any]) -> bool:
     """Whether a dataset's inputs include molecule formats."""
-    return any(i["format"] in ("qm9_xyz", "sdf", "smiles_csv") for i in manifest["inputs"])
+    return any(i["format"] in MOLECULE_FORMATS for i in manifest["inputs"])
 
 
 class _Columns:

@@ -101,12 +101,18 @@ def _distributed_stage(name: str, run: Callable[..., Any], args: argparse.Namesp
     from pipeline.training import pick_device
 
     cfg = _config(args)
+    if cfg.train.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     denv = distributed.detect()
     device = distributed.setup(denv, pick_device(cfg.train.device))
+    ok = False
     try:
         result = run(cfg, rank=denv.rank, world_size=denv.world_size, device=device)
+        ok = True
     finally:
-        distributed.teardown()
+        distributed.teardown(barrier=ok)
     if result.stopped_by == "signal":
         if denv.rank == 0:
             print(f"{name}: stopped by a signal; state saved in {Path(args.out) / 'last.pt'}; re-run the same "

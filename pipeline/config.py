@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import MolmatError
 
@@ -105,20 +105,50 @@ class TrainConfig(_Section):
     plateau_patience: int = Field(5, ge=1)
     clip_grad: float | None = Field(10.0, description="max gradient norm; null disables clipping")
     patience: int | None = Field(30, description="early stopping: epochs without validation improvement")
-    max_minutes: float | None = Field(None, description="wall-clock budget; training stops cleanly after it")
+    max_minutes: float | None = Field(None, description="wall-clock budget; training stops cleanly after it, and the "
+                                      "cosine schedule is fitted to the steps the budget allows")
     log_every: int = Field(50, ge=1, description="steps between log lines")
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process; null keeps torch's default "
+                                "(all cores; torchrun sets 1). On a shared machine 1 avoids stalls on descheduled threads")
     tensorboard: bool = False
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none", description="scale lr with the number of processes: none, linear or square root")
 
 
-# Encoder configs live beside their modules; imported here (after _Section exists) so that
-# config.yaml is validated as a whole, unknown encoder keys included.
-from pipeline.models.mpnn import MPNNConfig  # noqa: E402
-from pipeline.models.schnet import SchNetConfig  # noqa: E402
+# Encoder hyper-parameters are defined here rather than beside the models so that config.yaml is
+# validated as a whole (unknown encoder keys included) without importing torch and dgl, which
+# would cost every preprocessing run and worker 2 s and 450 MiB.
+class MPNNConfig(_Section):
+    """Hyper-parameters of :class:`MPNN` (unknown keys are rejected)."""
+
+    hidden: int = Field(64, ge=1, description="node state width d")
+    steps: int = Field(3, ge=1, description="message-passing steps T (weights shared across steps)")
+    message: Literal["edge_network", "pair", "ggnn"] = "edge_network"
+    readout: Literal["set2set", "sum", "mean"] = "set2set"
+    set2set_iters: int = Field(3, ge=1, description="processing steps of the set2set readout")
+    master_node: bool = Field(False, description="add a per-graph master state exchanged with every atom each step")
+    virtual_edges: bool = Field(False, description="connect every unbonded pair of atoms with a 'virtual' edge")
+    towers: int = Field(1, ge=1, description="split the state into towers, each with its own message function")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the aggregated messages")
+
+    @model_validator(mode="after")
+    def _towers_divide_hidden(self) -> "MPNNConfig":
+        if self.hidden % self.towers:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by towers ({self.towers})")
+        return self
+
+
+class SchNetConfig(_Section):
+    """Hyper-parameters of :class:`SchNet` (unknown keys are rejected)."""
+
+    hidden: int = Field(64, ge=1, description="atom state and filter width")
+    interactions: int = Field(3, ge=1, description="number of interaction blocks")
+    n_rbf: int = Field(50, ge=2, description="Gaussians in the distance expansion")
+    cutoff: float = Field(5.0, gt=0, description="model cutoff (Angstrom); must not exceed the shard's cutoff")
+    readout: Literal["mean", "sum"] = "mean"
 
 
 class ModelConfig(_Section):

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,10 +76,21 @@ def setup(denv: DistEnv, device: torch.device) -> torch.device:
     return device
 
 
-def teardown() -> None:
-    """Destroy the process group if one was created."""
+def teardown(barrier: bool = True) -> None:
+    """Destroy the process group if one was created, after waiting for every process.
+
+    Args:
+        barrier: wait for the other ranks first. Without it a rank that finishes early (rank 0
+            is still writing checkpoints) tears its gloo connections down under the others, which
+            then abort now and then. Pass False on an error path, where the other ranks may
+            never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
@@ -88,6 +100,31 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
+
+
+def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum each named scalar over all processes (the values themselves when not distributed).
+
+    Every process must pass the same keys in the same order.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order, on every process (``[obj]`` when not distributed).
+
+    For small results such as one validation pass's predictions; objects travel pickled between
+    the processes of one job, never through files.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_flag(flag: bool, device: torch.device) -> bool:

@@ -95,6 +95,11 @@ def _rdkit() -> dict[str, Any]:
     return _RDKIT
 
 
+def symbol_of(z: int) -> str:
+    """Element symbol of an atomic number (RDKit's periodic table)."""
+    return _rdkit()["ptable"].GetElementSymbol(int(z))
+
+
 def _check_elements(z: np.ndarray, symbols: list[str] | None = None) -> None:
     bad = np.flatnonzero((z < 1) | (z > MAX_Z))
     if bad.size:

@@ -23,6 +23,7 @@ import torch
 import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
 import dgl
 
+from pipeline import MolmatError
 from pipeline.featurize import MAX_Z
 
 ATOM_DIM = (MAX_Z + 1) + 1 + 6 + 5 + 1 + 1 + 1 + 1 + 1
@@ -162,6 +163,13 @@ def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
         g3d.ndata["pos"] = torch.from_numpy(np.concatenate([r["pos"] for r in records]).astype(np.float32))
         g3d.edata["image"] = torch.from_numpy(np.concatenate(img).astype(np.float32))
 
+    widths = {r["y"].size for r in records}
+    if len(widths) > 1:
+        # happens when shard directories with different target lists are concatenated
+        first = {r["y"].size: r for r in reversed(records)}
+        ids = ", ".join(f"{r.get('_id')} has {w}" for w, r in sorted(first.items()))
+        raise MolmatError(f"cannot batch records with different numbers of targets ({ids}, ...); "
+                          "select common targets first or use one shard directory per target set")
     y = np.stack([r["y"] for r in records]).astype(np.float64) if records[0]["y"].size else np.zeros((len(records), 0))
     mask = np.isfinite(y)
     return GraphBatch(

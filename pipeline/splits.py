@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import MolmatError
 from pipeline.config import SplitConfig
-from pipeline.shards import SPLIT, write_json_atomic
+from pipeline.shards import SPLIT, load_manifest, write_json_atomic
 
 
 def random_split(n: int, val: float, test: float, seed: int) -> dict[str, list[int]]:
@@ -67,9 +67,22 @@ def write_split(root: str | Path, cfg: SplitConfig, scaffolds: list[str]) -> Pat
 
 
 def load_split(root: str | Path, path: str | Path | None = None) -> dict[str, Any]:
-    """Read a split file (``split.json`` beside the shards by default) and check it fits."""
+    """Read a split file (``split.json`` beside the shards by default) and check it fits the shards.
+
+    Raises:
+        MolmatError: the file is missing, or it was made for a different number of records (the
+            shards were re-made or merged after the split), or it holds an index out of range.
+    """
     p = Path(path) if path else Path(root) / SPLIT
     if not p.exists():
         raise MolmatError(f"{p}: split file missing; re-run preprocess or pass a split file")
     split = json.loads(p.read_text())
+    records = load_manifest(root)["records"]
+    if split.get("records") != records:
+        raise MolmatError(f"{p} covers {split.get('records')} records but the shards in {root} hold {records}; "
+                          "re-run preprocess (only split.json is rewritten)")
+    for part in ("train", "val", "test"):
+        idx = split.get(part, [])
+        if idx and not (0 <= min(idx) and max(idx) < records):
+            raise MolmatError(f"{p}: the {part} split holds indices outside 0..{records - 1}")
     return split

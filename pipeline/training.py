@@ -93,10 +93,16 @@ def make_loader(dataset: Any, batch_size: int, sampler: Sampler | None = None, n
 
 
 class _Schedule:
-    """Linear warm-up, then cosine decay to ``min_lr`` over the run, or reduce-on-plateau."""
+    """Linear warm-up, then cosine decay to ``min_lr`` over the run, or reduce-on-plateau.
+
+    The cosine horizon is ``train.epochs`` worth of steps, shortened by :meth:`fit_budget` when a
+    wall-clock budget will end the run first; otherwise a budget-limited run (``epochs: 1000``,
+    ``max_minutes: 30``) would train at an almost constant learning rate and never anneal.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> None:
         self.opt, self.cfg, self.total = optimizer, cfg, max(total_steps, 1)
+        self.planned = self.total
         # A short run (small data, `molmat run`) must not spend itself warming up.
         self.warmup = min(cfg.warmup_steps, self.total // 10)
         self.base = [g["lr"] for g in optimizer.param_groups]
@@ -115,6 +121,21 @@ class _Schedule:
             low = min(self.cfg.min_lr, base)
             g["lr"] = (low + (base - low) * factor) * warm * self.scale
 
+    def fit_budget(self, step: int, elapsed: float, budget: float) -> None:
+        """Shorten the cosine horizon to the steps the remaining budget allows.
+
+        Args:
+            step: optimizer steps done so far.
+            elapsed: seconds of the budget used so far (validation included).
+            budget: the whole budget in seconds.
+        Called at every epoch end with values all ranks agree on, so every rank keeps the same
+        learning rate; the estimate follows the measured pace, never going past ``train.epochs``.
+        """
+        if step <= 0 or elapsed <= 0:
+            return
+        expected = step + int(max(budget - elapsed, 0.0) / (elapsed / step))
+        self.total = max(1, min(self.planned, expected))
+
     def epoch_end(self, metric: float) -> None:
         if self.cfg.schedule != "plateau":
             return
@@ -127,10 +148,12 @@ class _Schedule:
                 self.bad_epochs = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs, "base": self.base}
+        return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs, "base": self.base,
+                "total": self.total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.best, self.bad_epochs, self.base = state["scale"], state["best"], state["bad_epochs"], state["base"]
+        self.total = state.get("total", self.total)
 
 
 @dataclass
@@ -189,7 +212,13 @@ class Trainer:
                      cfg.batch_size * world_size, cfg.batch_size, world_size, lr, cfg.lr_scaling)
         self.sampler = EpochSampler(len(train_set), cfg.seed, shuffle=True, rank=rank, world_size=world_size)
         self.train_loader = make_loader(train_set, cfg.batch_size, self.sampler, cfg.num_workers, collate_fn=collate_fn)
-        self.val_loader = make_loader(val_set, cfg.batch_size, None, cfg.num_workers, collate_fn=collate_fn)
+        # Validation is split by whole batches (batch i goes to rank i mod world): every batch is
+        # the one a single process would see, so batch-wise metrics (contrastive accuracy) and the
+        # eval functions' reductions give the single-process numbers.
+        val_batches = [list(range(i, min(i + cfg.batch_size, len(val_set))))
+                       for i in range(0, len(val_set), cfg.batch_size)][rank::world_size]
+        self.val_loader = DataLoader(val_set, batch_sampler=val_batches, num_workers=cfg.num_workers,
+                                     collate_fn=collate_fn)
         steps_per_epoch = math.ceil(len(self.sampler.order()) / cfg.batch_size)
         self.steps_per_epoch = steps_per_epoch
         self.schedule = _Schedule(self.optimizer, cfg, steps_per_epoch * cfg.epochs)
@@ -353,6 +382,10 @@ class Trainer:
                 self.state["bad_epochs"] += 1
             self.state["epoch"] = epoch + 1
             self.state["batch_in_epoch"] = 0
+            if cfg.max_minutes is not None and cfg.schedule == "cosine":
+                # the mean over ranks, so that every rank anneals on the same horizon
+                self.schedule.fit_budget(self.state["step"], all_reduce_mean(time.time() - t_start, self.device),
+                                         cfg.max_minutes * 60)
             train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), self.device)
             row = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"],
                    "train_loss": train_loss, **metrics,

@@ -113,6 +113,10 @@ def nt_xent(z2d: torch.Tensor, z3d: torch.Tensor, owner: torch.Tensor, temperatu
     return 0.5 * (loss_2d.mean() + loss_3d.mean())
 
 
+#: Names of the metrics :func:`contrastive_metrics` returns, in order.
+CONTRASTIVE_METRICS = ("accuracy", "alignment", "uniformity")
+
+
 @torch.no_grad()
 def contrastive_metrics(z2d: torch.Tensor, z3d: torch.Tensor, owner: torch.Tensor) -> dict[str, float]:
     """Alignment, uniformity (Wang & Isola 2020) and contrastive accuracy.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from pipeline import FORMAT_VERSION, MolmatError, __version__
 from pipeline.config import Config, write_resolved
+from pipeline.distributed import all_reduce_sums
 from pipeline.shards import ShardDataset, load_manifest
 from pipeline.splits import load_split
 from pipeline.training import Trainer, TrainResult, pick_device, seed_everything
-from pretrain.infomax import InfomaxModel, PretrainBatch, contrastive_metrics, make_collate, nt_xent
+from pretrain.infomax import (CONTRASTIVE_METRICS, InfomaxModel, PretrainBatch, contrastive_metrics, make_collate,
+                             nt_xent)
 
 log = logging.getLogger("molmat.pretrain")
 ENCODER_FORMAT = "molmat-encoder"
@@ -35,19 +38,25 @@ def make_eval_fn(temperature: float, device: torch.device) -> Any:
     """Validation loss and contrastive metrics over a loader of :class:`PretrainBatch`."""
     @torch.no_grad()
     def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+        # the plain module: a DDP forward may communicate, and ranks hold different batch counts
+        model = model.module if hasattr(model, "module") else model
         model.eval()
-        totals: dict[str, float] = {}
-        n = 0
+        keys = ["val_loss"] + [f"val_{k}" for k in CONTRASTIVE_METRICS]
+        sums: dict[str, float] = {}
+        for k in keys:  # per-metric weights: uniformity is undefined (nan) on a batch of one
+            sums[k], sums["_n_" + k] = 0.0, 0.0
         for batch in loader:
             batch = batch.to(device)
             z2, z3 = model(batch)
             metrics = {"val_loss": float(nt_xent(z2, z3, batch.owner, temperature)),
                        **{f"val_{k}": v for k, v in contrastive_metrics(z2, z3, batch.owner).items()}}
             b = batch.graphs.num_graphs
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * b
-            n += b
-        return {k: v / max(n, 1) for k, v in totals.items()}
+            for k in keys:
+                if math.isfinite(metrics[k]):
+                    sums[k] += metrics[k] * b
+                    sums["_n_" + k] += b
+        sums = all_reduce_sums(sums, device)
+        return {k: sums[k] / sums["_n_" + k] if sums["_n_" + k] else float("nan") for k in keys}
     return evaluate
 
 
@@ -78,7 +87,11 @@ def pretrain(data: list[str | Path], out: str | Path, config: Config, rank: int 
     for d, _ in manifests:
         split = load_split(d)
         train_parts.append(ShardDataset(d, split["train"]))
-        val_parts.append(ShardDataset(d, split["val"] or split["train"][:1]))
+        if split["val"]:
+            val_parts.append(ShardDataset(d, split["val"]))
+    if not val_parts:
+        raise MolmatError(f"no val split in {', '.join(map(str, data))}; pretraining monitors contrastive accuracy "
+                          "on it. Re-run preprocess with --set split.val=0.1 (only split.json is rewritten)")
     train_set, val_set = ConcatDataset(train_parts), ConcatDataset(val_parts)
     model = InfomaxModel(config.model.mpnn, config.model.schnet, pcfg.proj_hidden, pcfg.proj_dim)
     mol_cutoff = min(featurization["molecule_cutoff"], featurization["crystal_cutoff"])

@@ -1,11 +1,13 @@
 """Distributed training on CPU with gloo: 2 processes == 1 process on the same global batch."""
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pipeline.distributed import DistEnv, detect, first_slurm_host, scaled_lr
@@ -41,6 +43,10 @@ def test_two_gloo_processes_match_one_process(qm9_shards, tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert not (tmp_path / "two" / "metrics.csv").read_text().count("\n") > 3, "only rank 0 writes metrics"
+    # each rank validates half of the batches; the reduced metric is the single-process one
+    rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("one", "two")]
+    for r1, r2 in zip(*rows):
+        assert float(r1["val_mae_gap_Ha"]) == pytest.approx(float(r2["val_mae_gap_Ha"]), rel=1e-4)
 
 
 def test_launcher_detection(monkeypatch):

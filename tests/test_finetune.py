@@ -198,3 +198,48 @@ def test_trainer_restores_signal_handlers(qm9_shards, tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     finetune(qm9_shards, tmp_path / "r", _cfg("train.epochs=1", "finetune.targets=[gap_Ha]", "finetune.max_train=32"))
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+
+
+def test_empty_validation_split_is_refused(qm9_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(qm9_shards, copy)
+    split = json.loads((copy / "split.json").read_text())
+    (copy / "split.json").write_text(json.dumps(dict(split, train=split["train"] + split["val"], val=[])))
+    with pytest.raises(MolmatError, match=r"empty val split.*split\.val=0\.1"):
+        finetune(copy, tmp_path / "run", _cfg("train.epochs=1"))
+
+
+def test_cosine_schedule_is_fitted_to_the_time_budget():
+    from pipeline.config import TrainConfig
+    from pipeline.training import _Schedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = _Schedule(opt, TrainConfig(epochs=1000, warmup_steps=0, max_minutes=1.0, min_lr=0.0), 100_000)
+    # 200 steps in 20 s of a 60 s budget: about 600 steps fit; the learning rate reaches min_lr there
+    sched.fit_budget(200, 20.0, 60.0)
+    assert sched.total == 600
+    sched.step(300)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-3, rel=1e-6)
+    sched.step(600)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    restored = _Schedule(opt, TrainConfig(epochs=1000, max_minutes=1.0), 100_000)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.total == 600
+    sched.fit_budget(200, 0.01, 60.0)  # 1.2M steps would fit: never beyond train.epochs
+    assert sched.total == 100_000
+
+
+def test_predict_refuses_a_crystal_for_a_molecule_model_and_flags_new_elements(trained_qm9, qm9_shards, tmp_path):
+    from finetune.predict import domain_check
+
+    (mp_id, cif), = mp_cif_texts(1).items()
+    (tmp_path / f"{mp_id}.cif").write_text(cif)
+    out = tmp_path / "p.csv"
+    predict(trained_qm9, [str(qm9_files(1)[0]), str(tmp_path / f"{mp_id}.cif")], out)
+    rows = list(csv.DictReader(open(out)))
+    assert rows[0]["error"] == "" and rows[0]["warning"] == "" and float(rows[0]["gap_Ha"]) > 0
+    assert rows[1]["error"] == "model was trained on molecules, this input is a crystal" and rows[1]["gap_Ha"] == ""
+    rec = next(r for r in ShardDataset(qm9_shards) if 6 in r["z"] and 1 in r["z"])
+    assert domain_check(rec, {"kinds": ["molecule"], "elements": ["H", "N", "O", "F"]}) == (
+        "", "element(s) C not in the training data; the prediction is an extrapolation")
+    assert domain_check(rec, {"kinds": ["molecule"], "elements": ["H", "C", "N", "O", "F"]}) == ("", "")

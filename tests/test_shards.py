@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import records_equal
+from pipeline import MolmatError
 from pipeline.config import PreprocessConfig
 from pipeline.featurize import featurize
 from pipeline.graphs import collate
@@ -115,3 +116,31 @@ def test_scaffold_split_keeps_groups_together():
         members = [i for i, s in enumerate(scaffolds) if s == group]
         assert len({where[i] for i in members}) == 1, group
     assert scaffold_split(scaffolds, 0.1, 0.1, seed=2) != a
+
+
+def test_split_that_does_not_fit_the_shards_is_refused(qm9_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(qm9_shards, copy)
+    split = json.loads((copy / "split.json").read_text())
+    (copy / "split.json").write_text(json.dumps(dict(split, records=299)))
+    with pytest.raises(MolmatError, match=r"split\.json covers 299 records but the shards .* hold 300"):
+        load_split(copy)
+    (copy / "split.json").write_text(json.dumps(dict(split, test=split["test"] + [300])))
+    with pytest.raises(MolmatError, match=r"the test split holds indices outside 0\.\.299"):
+        load_split(copy)
+
+
+def test_dataset_pickles_without_lmdb_handles(qm9_shards):
+    import pickle
+
+    ds = ShardDataset(qm9_shards, [5, 200])
+    first = ds[1]
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives
+    assert clone._envs == {} and records_equal(clone[1], first)
+
+
+def test_collate_of_records_with_different_targets_names_them(qm9_shards, mp_shards):
+    a, b = ShardDataset(qm9_shards)[0], ShardDataset(mp_shards)[0]
+    assert a["y"].size != b["y"].size
+    with pytest.raises(MolmatError, match=r"different numbers of targets .*" + a["_id"]):
+        collate([a, b])

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
@@ -38,13 +37,13 @@ import dgl
 import dgl.ops
 from dgl.nn.pytorch.glob import Set2Set
 
-from pipeline.config import _Section
+from pipeline.config import MPNNConfig
 
 if TYPE_CHECKING:
     from pipeline.graphs import GraphBatch
 
-# pipeline.config imports MPNNConfig from here, and may do so while pipeline.graphs -> featurize ->
-# config is still being imported; so pipeline.graphs (ATOM_DIM, BOND_DIM) is imported where used.
+# MPNNConfig lives in pipeline.config so that reading a config never imports torch or dgl;
+# pipeline.graphs (ATOM_DIM, BOND_DIM) is imported where used, to keep import order free.
 
 #: GG-NN edge types, in index order.
 EDGE_TYPES = ("single", "double", "triple", "aromatic", "crystal_neighbour", "virtual")
@@ -58,24 +57,6 @@ UNIQUE_PATH_MAX = 4096
 MessagePath = Literal["unique", "unique_per_edge", "per_edge"]
 
 
-class MPNNConfig(_Section):
-    """Hyper-parameters of :class:`MPNN` (unknown keys are rejected)."""
-
-    hidden: int = Field(64, ge=1, description="node state width d")
-    steps: int = Field(3, ge=1, description="message-passing steps T (weights shared across steps)")
-    message: Literal["edge_network", "pair", "ggnn"] = "edge_network"
-    readout: Literal["set2set", "sum", "mean"] = "set2set"
-    set2set_iters: int = Field(3, ge=1, description="processing steps of the set2set readout")
-    master_node: bool = Field(False, description="add a per-graph master state exchanged with every atom each step")
-    virtual_edges: bool = Field(False, description="connect every unbonded pair of atoms with a 'virtual' edge")
-    towers: int = Field(1, ge=1, description="split the state into towers, each with its own message function")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the aggregated messages")
-
-    @model_validator(mode="after")
-    def _towers_divide_hidden(self) -> "MPNNConfig":
-        if self.hidden % self.towers:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by towers ({self.towers})")
-        return self
 
 
 # ------------------------------------------------------------------------------- edge utilities

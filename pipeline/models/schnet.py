@@ -16,11 +16,10 @@ the output does not depend on which neighbours beyond the cutoff the shard happe
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
@@ -28,23 +27,15 @@ import dgl
 import dgl.function as fn
 
 from pipeline import MolmatError
-from pipeline.config import _Section
+from pipeline.config import SchNetConfig
 
 if TYPE_CHECKING:
     from pipeline.graphs import GraphBatch
 
-# pipeline.config imports SchNetConfig from here, and may do so while pipeline.graphs -> featurize ->
-# config is still being imported; so pipeline.featurize and pipeline.graphs are imported where used.
+# SchNetConfig lives in pipeline.config so that reading a config never imports torch or dgl;
+# pipeline.featurize and pipeline.graphs are imported where used, to keep import order free.
 
 
-class SchNetConfig(_Section):
-    """Hyper-parameters of :class:`SchNet` (unknown keys are rejected)."""
-
-    hidden: int = Field(64, ge=1, description="atom state and filter width")
-    interactions: int = Field(3, ge=1, description="number of interaction blocks")
-    n_rbf: int = Field(50, ge=2, description="Gaussians in the distance expansion")
-    cutoff: float = Field(5.0, gt=0, description="model cutoff (Angstrom); must not exceed the shard's cutoff")
-    readout: Literal["mean", "sum"] = "mean"
 
 
 def shifted_softplus(x: Tensor) -> Tensor:
