@@ -32,7 +32,6 @@ import shutil
 import socket
 import statistics
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,23 +49,9 @@ TARGETS = ["homo_Ha", "lumo_Ha", "gap_Ha"]
 
 def subset_dir(work: Path, n: int) -> Path:
     """The first ``n`` dsgdb9nsd_*.xyz members of the QM9 archive (archive order) in a directory."""
-    out = work / "src" / f"qm9_first{n}"
-    if (out / ".complete").exists():
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    names = []
-    with tarfile.open(QM9, "r:bz2") as tar:
-        for m in tar:
-            if m.isfile() and m.name.endswith(".xyz"):
-                name = Path(m.name).name
-                (out / name).write_bytes(tar.extractfile(m).read())
-                names.append(name)
-                if len(names) >= n:
-                    break
-    (out / ".complete").write_text(f"first {len(names)} of {QM9}: {names[0]} .. {names[-1]}\n")
-    return out
+    from _subsets import subset_tar  # bench/ is the script's directory
+
+    return subset_tar(QM9, work / "src" / f"qm9_first{n}", n, ".xyz")
 
 
 def free_port() -> int:

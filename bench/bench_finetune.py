@@ -43,7 +43,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -153,39 +152,9 @@ def run_cmd(cmd: list[str], logfile: Path, what: str, env: dict[str, str] | None
 # ----------------------------------------------------------------------------------- data
 def prepare_mp_subset(work: Path, n: int) -> Path:
     """First ``n`` CIFs of mp/cifs.tar.gz (archive order) plus their labels.csv rows, in a directory."""
-    out = work / "src" / f"mp_first{n}"
-    done = out / ".complete"
-    if done.exists():
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    stems = []
-    with tarfile.open(DATA / "mp" / "cifs.tar.gz", "r:gz") as tar:
-        for m in tar:
-            if not (m.isfile() and m.name.endswith(".cif")):
-                continue
-            data = tar.extractfile(m).read()
-            name = Path(m.name).name
-            (out / name).write_bytes(data)
-            stems.append(Path(name).stem)
-            if len(stems) >= n:
-                break
-    keep = set(stems)
-    with open(DATA / "mp" / "labels.csv", newline="") as fh, open(out / "labels.csv", "w", newline="") as fo:
-        r = csv.reader(fh)
-        w = csv.writer(fo)
-        header = next(r)
-        w.writerow(header)
-        rows = 0
-        for row in r:
-            if row and row[0] in keep:
-                w.writerow(row)
-                rows += 1
-    (out / "SUBSET.txt").write_text(f"first {len(stems)} .cif members of {DATA / 'mp' / 'cifs.tar.gz'} in archive "
-                                    f"order ({stems[0]} .. {stems[-1]}); {rows} matching labels.csv rows\n")
-    done.write_text("ok\n")
-    return out
+    from _subsets import subset_tar  # bench/ is the script's directory
+
+    return subset_tar(DATA / "mp" / "cifs.tar.gz", work / "src" / f"mp_first{n}", n, ".cif", DATA / "mp" / "labels.csv")
 
 
 def preprocess(name: str, work: Path, args: argparse.Namespace) -> Path:

@@ -128,3 +128,19 @@ def test_finetune_from_encoder_respects_freeze(encoder_dir, conformer_shards, tm
         assert len(changed) > 5
     heads = [k for k in post if k.startswith("heads.")]
     assert heads and post[heads[0]].abs().sum() > 0
+
+
+def test_pretraining_on_molecules_and_crystals_together(qm9_shards, mp_shards, tmp_path):
+    """One run over a molecule and a crystal shard directory; the encoder then embeds both kinds."""
+    import json
+
+    from pipeline.graphs import collate
+
+    pretrain([qm9_shards, mp_shards], tmp_path / "enc", load_config(None, SMALL + ["train.epochs=1"]))
+    meta = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert meta["molecules"] and meta["crystals"]
+    enc = load_encoder(tmp_path / "enc")
+    mol, cryst = ShardDataset(qm9_shards)[0], ShardDataset(mp_shards)[0]
+    assert (mol["_kind"], cryst["_kind"]) == ("molecule", "crystal")
+    emb, _ = enc(collate([dict(r, y=np.zeros(0)) for r in (mol, cryst)]))  # labels differ; embedding needs none
+    assert emb.shape[0] == 2 and torch.isfinite(emb).all()
