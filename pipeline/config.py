@@ -49,6 +49,8 @@ class CrystalFeaturization(_Section):
 
     cutoff: float = Field(8.0, gt=0, description="neighbour cutoff radius (Angstrom)")
     max_neighbors: int = Field(12, ge=1, description="keep the nearest N neighbours of each atom")
+    tie_tolerance: float = Field(1e-3, ge=0, description="also keep neighbours within this distance (Angstrom) of "
+                                 "the N-th, so a coordination shell is never cut (0 = strict cut)")
 
 
 class PreprocessConfig(_Section):

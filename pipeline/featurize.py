@@ -23,7 +23,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.readers import QM9_PROPERTIES, RawRecord
 
 #: Version of the featurisation below; models refuse shards made with another one.
-FEATURIZATION_VERSION = 1
+FEATURIZATION_VERSION = 2
 #: Largest atomic number the element embedding covers (H..Pu, all of Materials Project).
 MAX_Z = 94
 #: Integer atom feature columns stored in ``atom_feat`` (N, 8), int8.
@@ -334,9 +334,14 @@ def _structure(raw: RawRecord) -> Any:
 
 
 def periodic_neighbours(cart: np.ndarray, cell: np.ndarray, structure: Any, cutoff: float,
-                        max_neighbors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        max_neighbors: int, tie_tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest ``max_neighbors`` periodic neighbours within ``cutoff`` for every atom.
 
+    Args:
+        tie_tolerance: also keep every neighbour within this distance (Angstrom) of the
+            ``max_neighbors``-th one. A coordination shell cut in the middle keeps an arbitrary
+            part of it, and which part depends on the choice of cell; completing the shell makes
+            the graph the same for every cell of the same crystal. 0 cuts strictly.
     Returns:
         src (E,), dst (E,) atom indices and image (E, 3) integer offsets such that the edge
         vector is ``cart[src] + image @ cell - cart[dst]``. Ties are broken by distance rounded
@@ -347,11 +352,16 @@ def periodic_neighbours(cart: np.ndarray, cell: np.ndarray, structure: Any, cuto
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 3), np.int64)
     images = np.rint(images).astype(np.int64)
     order = np.lexsort((images[:, 2], images[:, 1], images[:, 0], point, np.round(dist, 8), center))
-    center, point, images = center[order], point[order], images[order]
+    center, point, images, dist = center[order], point[order], images[order], dist[order]
     # rank within each centre's (sorted) block
     starts = np.r_[0, np.flatnonzero(np.diff(center)) + 1]
-    rank = np.arange(center.size) - np.repeat(starts, np.diff(np.r_[starts, center.size]))
+    sizes = np.diff(np.r_[starts, center.size])
+    rank = np.arange(center.size) - np.repeat(starts, sizes)
     keep = rank < max_neighbors
+    if tie_tolerance > 0:
+        # distance of each centre's last kept neighbour, broadcast over its block
+        last = np.repeat(dist[starts + np.minimum(sizes, max_neighbors) - 1], sizes)
+        keep |= dist <= last + tie_tolerance
     return point[keep].astype(np.int64), center[keep].astype(np.int64), images[keep]
 
 
@@ -366,7 +376,8 @@ def featurize_crystal(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str, 
     cart = np.array(s.cart_coords, dtype=np.float64)
     if abs(np.linalg.det(cell)) < 1e-6:
         raise RecordError("lattice has zero volume")
-    src, dst, image = periodic_neighbours(cart, cell, s, cfg.crystal.cutoff, cfg.crystal.max_neighbors)
+    src, dst, image = periodic_neighbours(cart, cell, s, cfg.crystal.cutoff, cfg.crystal.max_neighbors,
+                                          cfg.crystal.tie_tolerance)
     lonely = np.setdiff1d(np.arange(len(z)), dst)
     if lonely.size:
         raise RecordError(f"atom {int(lonely[0])} ({s[int(lonely[0])].specie.symbol}) has no neighbour within "
@@ -414,6 +425,7 @@ def featurization_spec(cfg: PreprocessConfig) -> dict[str, Any]:
         "molecule_cutoff": cfg.molecule.cutoff,
         "crystal_cutoff": cfg.crystal.cutoff,
         "crystal_max_neighbors": cfg.crystal.max_neighbors,
+        "crystal_tie_tolerance": cfg.crystal.tie_tolerance,
         "conformers": cfg.molecule.conformers,
     }
 
