@@ -77,3 +77,26 @@ def test_two_process_pretraining_runs(qm9_shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "enc" / "encoder.pt").exists()
     assert r.stdout.count("pretrain: 1 epoch(s)") == 1, "only rank 0 reports"
+
+
+def test_srun_style_launch_matches_torchrun(qm9_shards, tmp_path):
+    """What `srun molmat finetune` starts: N copies of the same command told apart only by SLURM_*."""
+    args = ["finetune", "--data", str(qm9_shards)] + _sets(SMALL + ["train.batch_size=16", "train.epochs=1"])
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
+    slurm = dict(base, OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
+                 SLURM_JOB_ID="4242", MASTER_PORT=str(_free_port()))  # without MASTER_PORT: 20000 + job id % 20000
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--out", str(tmp_path / "srun")],
+                              env=dict(slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "2 processes via slurm" in outs[0][1]
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "-m", "pipeline.cli", *args, "--out", str(tmp_path / "tr")],
+                         capture_output=True, text=True, env=dict(base, OMP_NUM_THREADS="1"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    a = torch.load(tmp_path / "srun" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "tr" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
