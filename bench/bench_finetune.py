@@ -75,12 +75,13 @@ DATASETS: dict[str, dict[str, Any]] = {
     "mp": {"targets": ["band_gap_eV", "formation_energy_per_atom_eV"], "log10": [],
            "report": {"band_gap_eV": ("band_gap", "eV", 1.0),
                       "formation_energy_per_atom_eV": ("formation_energy", "eV/atom", 1.0)},
-           "models": ["molmat_mpnn", "molmat_schnet", "dgllife_mpnn", "composition_ridge", "composition_mlp"]},
+           "models": ["molmat_mpnn", "molmat_mpnn_plain", "molmat_schnet", "dgllife_mpnn", "composition_ridge",
+                      "composition_mlp"]},
     "mp_elastic": {"targets": ["K_VRH_GPa", "G_VRH_GPa"], "log10": ["K_VRH_GPa", "G_VRH_GPa"],
                    "report": {"K_VRH_GPa": ("log10(K_VRH)", "log10(GPa)", 1.0),
                               "G_VRH_GPa": ("log10(G_VRH)", "log10(GPa)", 1.0)},
-                   "models": ["molmat_mpnn", "molmat_schnet", "dgllife_mpnn", "composition_ridge",
-                              "composition_mlp"]},
+                   "models": ["molmat_mpnn", "molmat_mpnn_plain", "molmat_schnet", "dgllife_mpnn",
+                              "composition_ridge", "composition_mlp"]},
 }
 
 COMMANDS: list[dict[str, Any]] = []
@@ -190,6 +191,8 @@ def molmat_model(name: str, model: str, d: Path, work: Path, minutes: float) -> 
             "finetune.targets=[" + ",".join(spec["targets"]) + "]"]
     if model == "molmat_schnet":
         sets += ["model.encoder=schnet", "model.schnet.cutoff=8.0"]
+    if model == "molmat_mpnn_plain":
+        sets += ["model.mpnn.crystal_shells=false"]
     set_args = [a for s in sets for a in ("--set", s)]
     args = ["finetune", "--data", str(d), "--out", str(run)] + set_args
     e_ft = run_cmd([PY, TIMED] + args, work / "logs" / f"finetune_{name}_{model}.log", f"finetune {name} {model}",
@@ -729,6 +732,7 @@ def fmt(v: Any, nd: int = 4) -> str:
 
 
 MODEL_LABEL = {"molmat_mpnn": "molmat MPNN (edge network, d=64, T=3, set2set)",
+               "molmat_mpnn_plain": "molmat MPNN, crystal edges without shells (model.mpnn.crystal_shells=false)",
                "molmat_schnet": "molmat SchNet (cutoff 8 A)",
                "dgllife_mpnn": "dgllife MPNNPredictor (d=64, edge hidden 64, T=3, set2set 3x1)",
                "morgan_ridge": "Morgan r=2 2048 bits + ridge", "morgan_mlp": "Morgan r=2 2048 bits + MLP 2x256",

@@ -135,6 +135,8 @@ class MPNNConfig(_Section):
     virtual_edges: bool = Field(False, description="connect every unbonded pair of atoms with a 'virtual' edge")
     towers: int = Field(1, ge=1, description="split the state into towers, each with its own message function")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the aggregated messages")
+    crystal_shells: bool = Field(True, description="crystal neighbour edges say which coordination shell "
+                                 "(1st, 2nd, 3rd+) a neighbour is in; false: all neighbour edges alike")
 
     @model_validator(mode="after")
     def _towers_divide_hidden(self) -> "MPNNConfig":

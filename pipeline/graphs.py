@@ -27,7 +27,14 @@ from pipeline import MolmatError
 from pipeline.featurize import MAX_Z
 
 ATOM_DIM = (MAX_Z + 1) + 1 + 6 + 5 + 1 + 1 + 1 + 1 + 1
-BOND_DIM = 4 + 1 + 1 + 1
+#: Coordination shells told apart on crystal neighbour edges: first, second, third and further.
+N_SHELLS = 3
+#: Column of the first shell flag in the edge features.
+SHELL_COLUMN = 7
+#: Bond type one-hot (4), conjugated, in ring, crystal-neighbour flag, shell one-hot (N_SHELLS).
+BOND_DIM = 4 + 1 + 1 + 1 + N_SHELLS
+#: A new coordination shell starts where the next neighbour is farther by more than this (Angstrom).
+SHELL_GAP = 0.1
 
 
 @dataclass
@@ -108,6 +115,31 @@ def bond_features(bond_feat: np.ndarray) -> np.ndarray:
     return e
 
 
+def neighbour_shells(dst: np.ndarray, dist: np.ndarray, gap: float = SHELL_GAP) -> np.ndarray:
+    """Coordination shell index of every neighbour edge: 0 for the nearest shell of its centre.
+
+    Args:
+        dst: (E,) centre atom of each edge.
+        dist: (E,) edge length (Angstrom).
+        gap: a jump in distance larger than this, between consecutive neighbours of a centre,
+            starts the next shell; neighbours at equal distance always share a shell.
+    Returns:
+        (E,) int64 shell indices, in the order of the input edges.
+    """
+    if dst.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((dist, dst))
+    c, d = dst[order], dist[order]
+    first = np.r_[True, c[1:] != c[:-1]]
+    jump = np.r_[False, np.diff(d) > gap] & ~first
+    count = np.cumsum(jump)
+    starts = np.flatnonzero(first)
+    shell_sorted = count - np.repeat(count[starts], np.diff(np.r_[starts, c.size]))
+    shell = np.empty(c.size, dtype=np.int64)
+    shell[order] = shell_sorted
+    return shell
+
+
 def _graph(src: np.ndarray, dst: np.ndarray, n_nodes: np.ndarray, n_edges: np.ndarray) -> dgl.DGLGraph:
     g = dgl.graph((torch.from_numpy(src), torch.from_numpy(dst)), num_nodes=int(n_nodes.sum()))
     g.set_batch_num_nodes(torch.from_numpy(n_nodes))
@@ -128,9 +160,16 @@ def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
     src2, dst2, e2, ne2 = [], [], [], []
     for r, s0, kind in zip(records, starts, kinds):
         if kind == "crystal" or "bond_index" not in r:
+            # the topology carries which coordination shell a neighbour is in, never its distance
             idx = r["nbr_index"].astype(np.int64)
             feat = np.zeros((idx.shape[1], BOND_DIM), dtype=np.float32)
             feat[:, 6] = 1.0
+            if idx.shape[1] and "pos" in r:
+                vec = r["pos"][idx[0]] - r["pos"][idx[1]]
+                if "nbr_image" in r and "cell" in r:
+                    vec = vec + r["nbr_image"] @ r["cell"]
+                shell = neighbour_shells(idx[1], np.linalg.norm(vec, axis=1))
+                feat[np.arange(len(shell)), SHELL_COLUMN + np.minimum(shell, N_SHELLS - 1)] = 1.0
             src2.append(idx[0] + s0)
             dst2.append(idx[1] + s0)
         else:

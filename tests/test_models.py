@@ -145,6 +145,22 @@ def test_mpnn_reads_only_the_2d_graph(qm9_records: list) -> None:
     _close(ref, no3d, 0.0)
 
 
+def test_mpnn_crystal_shells_switch(mp_records: list) -> None:
+    """With ``crystal_shells`` the shell flags change the embedding; without, they are ignored."""
+    from pipeline.graphs import N_SHELLS, SHELL_COLUMN
+
+    batch = collate(mp_records[:6])
+    other = collate(mp_records[:6])
+    other.g2d.edata["e"][:, SHELL_COLUMN:SHELL_COLUMN + N_SHELLS] = 0.0
+    torch.manual_seed(0)
+    on = _mpnn()
+    torch.manual_seed(0)
+    off = _mpnn(crystal_shells=False)
+    with torch.no_grad():
+        assert not torch.allclose(on(batch)[0], on(other)[0])
+        _close(off(batch)[0], off(other)[0], 0.0)
+
+
 @pytest.mark.parametrize("message", MESSAGES)
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: next(iter(o), "plain"))
 def test_mpnn_permutation_invariance(message: str, option: dict, qm9_records: list, mp_records: list) -> None:

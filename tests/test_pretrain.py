@@ -82,13 +82,14 @@ def encoder_dir(conformer_shards, tmp_path_factory):
 
 
 def test_loss_falls_within_a_few_steps(conformer_shards, tmp_path):
-    pretrain([conformer_shards], tmp_path / "e", load_config(None, SMALL + ["train.epochs=8", "train.lr=3e-3",
+    # 32 steps: the loss sits on a plateau for the first ~10 steps from some initialisations
+    pretrain([conformer_shards], tmp_path / "e", load_config(None, SMALL + ["train.epochs=16", "train.lr=3e-3",
                                                                               "train.schedule=constant"]))
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "e" / "metrics.csv")))
     losses = [float(r["train_loss"]) for r in rows]
-    assert losses[-1] < losses[0] - 0.2, losses
+    assert min(losses[-3:]) < losses[0] - 0.3, losses
     assert {"val_accuracy", "val_alignment", "val_uniformity"} <= set(rows[0])
 
 

@@ -15,7 +15,7 @@ from pipeline import MolmatError
 from pipeline.config import PreprocessConfig
 from pipeline.featurize import featurize
 from pipeline.graphs import collate
-from pipeline.readers import open_source
+from pipeline.readers import RawRecord, open_source
 from pipeline.shards import (CorruptRecordError, ShardDataset, decode_record, encode_record, load_manifest,
                              record_key, verify)
 from pipeline.splits import load_split, scaffold_split
@@ -144,3 +144,28 @@ def test_collate_of_records_with_different_targets_names_them(qm9_shards, mp_sha
     assert a["y"].size != b["y"].size
     with pytest.raises(MolmatError, match=r"different numbers of targets .*" + a["_id"]):
         collate([a, b])
+
+
+@pytest.mark.parametrize("mp_id, shells", [("mp-1", [8, 6]),        # bcc Cs: 8 nearest, then 6
+                                           ("mp-1986", [4, 12])])   # zincblende ZnO: 4 O, then 12 Zn
+def test_crystal_edges_carry_coordination_shells(mp_id, shells):
+    from helpers import mp_cif_texts
+    from pipeline.graphs import N_SHELLS, SHELL_COLUMN
+
+    rec = featurize(RawRecord("t", mp_id, "crystal", "cif", mp_cif_texts()[mp_id]), [], PreprocessConfig())
+    e = collate([rec]).g2d.edata["e"]
+    dst = collate([rec]).g2d.edges()[1]
+    flags = e[:, SHELL_COLUMN:SHELL_COLUMN + N_SHELLS]
+    assert torch.all(flags.sum(1) == 1), "every neighbour edge is in exactly one shell"
+    for atom in range(len(rec["z"])):
+        counts = flags[dst == atom].sum(0).tolist()
+        assert counts[:len(shells)] == shells and sum(counts) == sum(shells), (atom, counts)
+
+
+def test_neighbour_shells_group_ties_and_follow_distance():
+    from pipeline.graphs import neighbour_shells
+
+    dst = np.array([1, 0, 0, 0, 1, 0, 1])
+    dist = np.array([3.0, 2.0, 2.05, 2.5, 3.0, 2.0, 4.0])
+    assert neighbour_shells(dst, dist, gap=0.1).tolist() == [0, 0, 0, 1, 0, 0, 1]
+    assert neighbour_shells(np.zeros(0, int), np.zeros(0)).size == 0

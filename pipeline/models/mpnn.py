@@ -402,6 +402,11 @@ class MPNN(nn.Module):
         """
         g = batch.g2d
         e = g.edata["e"]
+        if not self.cfg.crystal_shells:
+            from pipeline.graphs import N_SHELLS, SHELL_COLUMN
+
+            e = e.clone()
+            e[:, SHELL_COLUMN:SHELL_COLUMN + N_SHELLS] = 0.0
         if self.cfg.virtual_edges:
             g, e = add_virtual_edges(g, e)
         ctx = EdgeContext(g, e)
