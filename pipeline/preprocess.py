@@ -125,6 +125,7 @@ class _Progress:
             self.bar = tqdm(total=total, unit="rec", desc="preprocess", dynamic_ncols=True)
 
     def update(self, n: int, rejected: int) -> None:
+        """Count ``n`` more records, ``rejected`` of them rejected; redraw or log when due."""
         self.done += n
         self.rejected += rejected
         if self.bar is not None:
@@ -136,6 +137,7 @@ class _Progress:
             log.info("preprocess: %d records (%.0f/s), %d rejected", self.done, rate, self.rejected)
 
     def close(self) -> None:
+        """Remove the progress bar (no-op when logging)."""
         if self.bar is not None:
             self.bar.close()
 

@@ -89,6 +89,7 @@ class InfomaxModel(nn.Module):
         self.proj3d = _projection(self.encoder3d.out_dim, proj_hidden, proj_dim)
 
     def forward(self, batch: PretrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, proj_dim) projected 2D embeddings and (M, proj_dim) projected 3D views, unit length."""
         z2 = self.proj2d(self.encoder2d(batch.graphs)[0])
         z3 = self.proj3d(self.encoder3d(batch.views)[0])
         return F.normalize(z2, dim=-1), F.normalize(z3, dim=-1)
