@@ -43,14 +43,15 @@ def parity_plot(pred: np.ndarray, y: np.ndarray, name: str, unit: str, path: Pat
 
 
 def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-             batch_size: int = 128) -> dict[str, Any]:
+             batch_size: int = 128, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Evaluate a model on a split of a shard directory (``all`` = every record).
 
     Writes ``metrics.json`` (per target: MAE, RMSE, R^2, count in the target's unit; log10 targets
     also in log10), ``predictions.csv`` and ``parity_<target>.png`` into ``out``
     (default ``RUN/eval_<split>``). Returns the metrics dict.
     """
-    model = load_model(run)
+    device = torch.device(device)
+    model = load_model(run).to(device)
     manifest = load_manifest(data)
     check_compatible(model.meta["featurization"], manifest, str(data))
     names = [t["name"] for t in manifest["targets"]]
@@ -67,7 +68,7 @@ def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | 
     ds = _Columns(ShardDataset(data, indices), [names.index(t.name) for t in model.targets])
     if len(ds) == 0:
         raise MolmatError(f"{data}: the {split} split is empty")
-    res = predict_loader(model, make_loader(ds, batch_size), torch.device("cpu"))
+    res = predict_loader(model, make_loader(ds, batch_size), device)
     out = Path(out) if out else Path(run) / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"data": str(data), "split": split, "records": len(ds), "targets": {}}

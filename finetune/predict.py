@@ -10,6 +10,8 @@ import csv
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 from pipeline import MolmatError
 from pipeline.config import PreprocessConfig
 from pipeline.featurize import RecordError, featurize
@@ -54,13 +56,15 @@ def domain_check(rec: dict[str, Any], meta: dict[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
-def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "auto", batch_size: int = 64) -> int:
+def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "auto", batch_size: int = 64,
+            device: torch.device | str = "cpu") -> int:
     """Predict every target of a model for raw inputs and write a CSV; returns rows written.
 
     Columns: ``id``, ``source``, one per target (physical units), ``error`` (why there is no
     prediction) and ``warning`` (a prediction outside the training domain, e.g. a new element).
     """
-    model = load_model(run)
+    device = torch.device(device)
+    model = load_model(run).to(device)
     names = [t.name for t in model.targets]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,7 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
             failure = ""
             if good:
                 try:
-                    values = model.predict(collate(good)).numpy()
+                    values = model.predict(collate(good).to(device)).cpu().numpy()
                     preds = {id(r): [repr(float(v)) for v in p] for r, p in zip(good, values)}
                 except (MolmatError, RuntimeError) as exc:
                     failure = f"prediction failed: {exc}"

@@ -31,6 +31,22 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def _inference_setup(args: argparse.Namespace) -> tuple[Config, Any]:
+    """Config and torch device for evaluate/predict/embed.
+
+    The model's own ``config.json`` fixes architecture and featurisation; from the run config these
+    stages take only ``train.device`` and ``train.threads``.
+    """
+    import torch
+
+    from pipeline.training import pick_device
+
+    cfg = _config(args)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    return cfg, pick_device(cfg.train.device)
+
+
 # ------------------------------------------------------------------------------------ preprocess
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """``molmat preprocess SOURCE... --out DIR`` (or ``--merge PART_DIR... --out DIR``)."""
@@ -144,7 +160,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """``molmat embed RUN_OR_ENC INPUT... --out FILE``."""
     from pretrain.embed import embed
 
-    n = embed(args.path, args.inputs, args.out, which=args.which, fmt=args.format or "auto")
+    _, device = _inference_setup(args)
+    n = embed(args.path, args.inputs, args.out, which=args.which, fmt=args.format or "auto", device=device)
     print(f"wrote {n} embedding(s) to {args.out}")
     return 0
 
@@ -152,12 +169,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--out DIR]``."""
     from finetune.evaluate import evaluate
+    from pipeline.config import write_resolved
 
-    metrics = evaluate(args.run, args.data, args.split, args.out)
+    cfg, device = _inference_setup(args)
+    out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
+    metrics = evaluate(args.run, args.data, args.split, out, device=device)
+    write_resolved(cfg, out)
     for name, m in metrics["targets"].items():
         extra = f"  (log10 MAE {m['log10']['mae']:.4g})" if "log10" in m else ""
         print(f"{name:32s} MAE {m['mae']:.4g} {m['unit']}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.3f}  n={m['count']}{extra}")
-    print(f"metrics and parity plots in {args.out or Path(args.run) / ('eval_' + args.split)}")
+    print(f"metrics and parity plots in {out}")
     return 0
 
 
@@ -165,7 +186,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``molmat predict RUN INPUT... --out FILE.csv``."""
     from finetune.predict import predict
 
-    rows = predict(args.run, args.inputs, args.out, fmt=args.format or "auto")
+    _, device = _inference_setup(args)
+    rows = predict(args.run, args.inputs, args.out, fmt=args.format or "auto", device=device)
     print(f"wrote {rows} row(s) to {args.out}")
     return 0
 

@@ -13,23 +13,23 @@ from pipeline import MolmatError
 from pipeline.graphs import collate
 
 
-def _embedder(path: str | Path, which: str) -> tuple[Any, dict[str, Any]]:
+def _embedder(path: str | Path, which: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
     """(callable batch -> (B, D) embeddings, preprocess config) for an encoder or model directory."""
     p = Path(path)
     if (p / "encoder.pt").exists():
         from pretrain import load_encoder
 
-        enc = load_encoder(p, which)
-        return (lambda b: enc(b)[0]), enc.meta["preprocess"]
+        enc = load_encoder(p, which).to(device)
+        return (lambda b: enc(b.to(device))[0]), enc.meta["preprocess"]
     from finetune.io import load_model
 
-    model = load_model(p)
-    return model.embed, model.meta["preprocess"]
+    model = load_model(p).to(device)
+    return (lambda b: model.embed(b.to(device))), model.meta["preprocess"]
 
 
 @torch.no_grad()
 def embed(path: str | Path, inputs: list[str], out: str | Path, which: str = "2d", fmt: str = "auto",
-          batch_size: int = 64) -> int:
+          batch_size: int = 64, device: torch.device | str = "cpu") -> int:
     """Write one embedding per input structure to ``out`` (``.npz`` or ``.csv``); returns the count.
 
     ``.npz`` holds ``ids``, ``sources``, ``errors`` (empty string when fine) as unicode arrays and
@@ -38,14 +38,14 @@ def embed(path: str | Path, inputs: list[str], out: str | Path, which: str = "2d
     """
     from finetune.predict import featurized_inputs
 
-    fn, preprocess = _embedder(path, which)
+    fn, preprocess = _embedder(path, which, torch.device(device))
     ids, sources, errors, rows = [], [], [], []
     pending: list[tuple[int, dict[str, Any]]] = []
 
     def flush() -> None:
         if not pending:
             return
-        emb = fn(collate([r for _, r in pending])).float().numpy()
+        emb = fn(collate([r for _, r in pending])).float().cpu().numpy()
         for (slot, _), e in zip(pending, emb):
             rows[slot] = e
         pending.clear()

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from helpers import DATASETS, mp_cif_texts, qm9_files
 from pipeline import MolmatError
@@ -116,6 +117,19 @@ def test_evaluate_writes_metrics_and_parity_plots(trained_qm9, qm9_shards, tmp_p
     assert m["targets"]["gap_Ha"]["unit"] == "Ha" and m["targets"]["gap_Ha"]["mae"] > 0
     png = (tmp_path / "ev" / "parity_gap_Ha.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_cli_writes_resolved_config_and_same_metrics(trained_qm9, qm9_shards, tmp_path):
+    out = tmp_path / "ev_cli"
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", str(trained_qm9), "--data", str(qm9_shards),
+                        "--split", "all", "--out", str(out), "--set", "train.threads=1", "--set", "train.device=cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert resolved["train"]["threads"] == 1 and resolved["train"]["device"] == "cpu"
+    direct = evaluate(trained_qm9, qm9_shards, "all", tmp_path / "ev_py")
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["targets"]["gap_Ha"]["mae"] == pytest.approx(direct["targets"]["gap_Ha"]["mae"], rel=1e-9)
 
 
 def test_model_refuses_shards_with_other_featurisation(trained_qm9, tmp_path):
