@@ -63,10 +63,7 @@ MOLMAT = str(ROOT / ".venv" / "bin" / "molmat")
 PY = str(ROOT / ".venv" / "bin" / "python")
 DATA = Path("/work/shared/data")
 HA_TO_EV = 27.211386
-# PYTHONPATH: works around a stale editable install (see the report): the .venv finder maps
-# `pretrain`/`finetune` as namespace packages, so `molmat finetune --init` fails to import
-# `pretrain.read_encoder_config` unless the checkout is on sys.path ahead of the finder.
-ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PREFIX = ["nice", "-n", "19"]
 PATIENCE = 100000  # no early stopping: every run trains for exactly its epoch budget
 
@@ -464,11 +461,11 @@ def render_md() -> str:
           "- The validation contrastive accuracy is measured within batches of 64 and both views carry the "
           "elements, so a high value partly reflects composition matching, not only learned 3D information.",
           "- No extra conformers (one 3D view per molecule); default model sizes (MPNN hidden 64, 3 steps; "
-          "SchNet hidden 64, 3 interactions).",
-          "- Environment workaround: every molmat command runs with PYTHONPATH=<repo> because the .venv's editable "
-          "install predates pretrain/__init__.py and maps `pretrain` as a namespace package, so "
-          "`molmat finetune --init` otherwise fails with ImportError (finetune/train.py imports "
-          "pretrain.read_encoder_config).", ""]
+          "SchNet hidden 64, 3 interactions)."]
+    if "PYTHONPATH" in s.get("env", {}):  # runs made before bootstrap.py re-installed on package changes
+        L.append("- Environment workaround: every molmat command ran with PYTHONPATH=<repo> because the .venv's "
+                 "editable install predated pretrain/__init__.py and mapped `pretrain` as a namespace package.")
+    L.append("")
     L.append("## Commands (exact, in order; 'reused' = output of an identical earlier command kept)")
     L.append("")
     L.append("```")
