@@ -80,6 +80,66 @@ class EpochSampler(Sampler[int]):
         return max(len(self.order()) - self.start, 0)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1 and leave the stop to the trainer.
+
+    Slurm signals every process of a job. A worker killed by it makes PyTorch raise "DataLoader
+    worker is killed" in the main process at an arbitrary point, possibly before ``last.pt`` is
+    written, and under DDP on one rank but not another. The main process shuts its workers down
+    once it has saved; leftovers are killed when it exits (:func:`_kill_leftover_workers`).
+    """
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent across the fork
+
+
+def _kill_leftover_workers() -> None:
+    # multiprocessing's own exit hook terminates daemonic children with SIGTERM, which loader
+    # workers ignore, and then joins them forever; this hook is registered later, so runs first.
+    import multiprocessing
+
+    for proc in multiprocessing.active_children():
+        if proc.daemon:
+            proc.kill()
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def _worker_init(num_workers: int) -> Callable[[int], None] | None:
+    """The ``worker_init_fn`` for a loader with ``num_workers`` workers (None without workers)."""
+    if not num_workers:
+        return None
+    if not _EXIT_HOOK:
+        import atexit
+
+        atexit.register(_kill_leftover_workers)
+        _EXIT_HOOK.append(True)
+    return ignore_stop_signals
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers are never killed by a stop signal meant for the trainer.
+
+    SIGTERM/SIGUSR1 are blocked while the workers are forked (they start at each ``iter``) and
+    the workers ignore them before unblocking, so a signal in that window neither kills a
+    worker nor is lost: the parent receives it when it unblocks.
+    """
+
+    def __iter__(self) -> Any:
+        """Start the workers with the stop signals blocked."""
+        if not self.num_workers:
+            return super().__iter__()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def make_loader(dataset: Any, batch_size: int, sampler: Sampler | None = None, num_workers: int = 0,
                 shuffle_seed: int | None = None, collate_fn: Callable[[list], Any] = collate) -> DataLoader:
     """DataLoader over shard records that yields batches (:class:`GraphBatch` by default)."""
@@ -87,9 +147,10 @@ def make_loader(dataset: Any, batch_size: int, sampler: Sampler | None = None, n
         sampler = EpochSampler(len(dataset), shuffle_seed)
     # A private generator: DataLoader would otherwise draw its worker seed from the global RNG at
     # each epoch start, and a run resumed mid-epoch would then diverge from an uninterrupted one.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_fn, persistent_workers=False, drop_last=False,
-                      generator=torch.Generator().manual_seed(shuffle_seed or 0))
+    return StopSafeLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                          collate_fn=collate_fn, persistent_workers=False, drop_last=False,
+                          worker_init_fn=_worker_init(num_workers),
+                          generator=torch.Generator().manual_seed(shuffle_seed or 0))
 
 
 class _Schedule:
@@ -217,8 +278,9 @@ class Trainer:
         # eval functions' reductions give the single-process numbers.
         val_batches = [list(range(i, min(i + cfg.batch_size, len(val_set))))
                        for i in range(0, len(val_set), cfg.batch_size)][rank::world_size]
-        self.val_loader = DataLoader(val_set, batch_sampler=val_batches, num_workers=cfg.num_workers,
-                                     collate_fn=collate_fn)
+        self.val_loader = StopSafeLoader(val_set, batch_sampler=val_batches, num_workers=cfg.num_workers,
+                                         collate_fn=collate_fn,
+                                         worker_init_fn=_worker_init(cfg.num_workers))
         steps_per_epoch = math.ceil(len(self.sampler.order()) / cfg.batch_size)
         self.steps_per_epoch = steps_per_epoch
         self.schedule = _Schedule(self.optimizer, cfg, steps_per_epoch * cfg.epochs)

@@ -141,24 +141,39 @@ def test_model_refuses_shards_with_other_featurisation(trained_qm9, tmp_path):
         evaluate(trained_qm9, other, "test")
 
 
-def test_sigterm_then_rerun_gives_the_same_weights(qm9_shards, tmp_path):
-    """Kill a run with SIGTERM mid-training; re-running the command ends with identical weights."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_then_rerun_gives_the_same_weights(qm9_shards, tmp_path, workers):
+    """Kill a run with SIGTERM mid-training; re-running the command ends with identical weights.
+
+    With loader workers the signal goes to the whole process group, as Slurm signals every
+    process of a job: the workers must not die under the trainer before it has saved.
+    """
+    import os
     import signal
     import time
 
     args = ["--data", str(qm9_shards), "--set", "train.epochs=6", "--set", "finetune.targets=[gap_Ha]",
-            "--set", "model.mpnn.dropout=0.1"] + [x for kv in SMALL for x in ("--set", kv)]
+            "--set", "model.mpnn.dropout=0.1", "--set", f"train.num_workers={workers}"] + \
+        [x for kv in SMALL for x in ("--set", kv)]
     cli = [sys.executable, "-m", "pipeline.cli", "finetune"]
     full = subprocess.run(cli + args + ["--out", str(tmp_path / "full")], capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
     part = tmp_path / "part"
-    proc = subprocess.Popen(cli + args + ["--out", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli + args + ["--out", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (part / "metrics.csv").exists():
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
+    if workers:
+        children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+        while time.time() < deadline and os.path.exists(children) and not open(children).read().strip():
+            time.sleep(0.005)  # signal while loader workers are alive
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
     assert proc.returncode == 75, err  # EX_TEMPFAIL: the sbatch templates requeue on it
+    assert "killed by signal" not in err, err
     state = torch.load(part / "last.pt", weights_only=True)["state"]
     assert state["epoch"] < 6, "the signal must arrive before training ends"
     again = subprocess.run(cli + args + ["--out", str(part)], capture_output=True, text=True)
