@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -31,6 +32,13 @@ if str(ROOT) not in sys.path:
 import pipeline  # noqa: E402,F401  (sets DGLBACKEND)
 import finetune.train as _ft  # noqa: E402
 from pipeline.training import Trainer  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipeline.graphs import GraphBatch
+    from pipeline.training import TrainResult
 
 
 class TimedTrainer(Trainer):
@@ -41,14 +49,16 @@ class TimedTrainer(Trainer):
                       "evals": 0, "epochs": []}
         stats = self.bench
 
-        def timed_loss(m, batch):
+        def timed_loss(m: torch.nn.Module, batch: GraphBatch) -> tuple[torch.Tensor, dict[str, float]]:
+            """Count the batch's graphs and the step (and time the first step), then call ``loss_fn``."""
             stats["graphs"] += batch.num_graphs
             stats["steps"] += 1
             if stats["steps"] == 2 and stats["first_step_s"] is None:
                 stats["first_step_s"] = time.perf_counter() - stats["_t0"]
             return loss_fn(m, batch)
 
-        def timed_eval(m, loader):
+        def timed_eval(m: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+            """Record the training-only counters at the epoch's end, then time ``eval_fn``."""
             t = time.perf_counter()
             # training-only time so far, at the end of each epoch's training steps
             stats["epochs"].append({"steps": stats["steps"], "graphs": stats["graphs"],
@@ -59,7 +69,8 @@ class TimedTrainer(Trainer):
                 stats["eval_s"] += time.perf_counter() - t
                 stats["evals"] += 1
 
-        def timed_save_best():
+        def timed_save_best() -> None:
+            """Call ``save_best`` and add its time to ``save_s``."""
             t = time.perf_counter()
             try:
                 save_best()
@@ -69,13 +80,15 @@ class TimedTrainer(Trainer):
         super().__init__(model, timed_loss, timed_eval, monitor, timed_save_best, *args, **kwargs)
 
     def save_last(self) -> None:
+        """:meth:`Trainer.save_last` with its time added to ``save_s``."""
         t = time.perf_counter()
         try:
             super().save_last()
         finally:
             self.bench["save_s"] += time.perf_counter() - t
 
-    def fit(self):
+    def fit(self) -> TrainResult:
+        """:meth:`Trainer.fit`, then write the counters to ``RUN/bench_timing[.rank<R>].json``."""
         self.bench["_t0"] = time.perf_counter()
         try:
             return super().fit()

@@ -55,12 +55,14 @@ def subset_dir(work: Path, n: int) -> Path:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (torchrun's master port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
+    """The rows of ``RUN/metrics.csv``, every value as a float."""
     with open(run / "metrics.csv", newline="") as fh:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
@@ -112,6 +114,7 @@ def one_run(cfg: str, d: Path, work: Path, epochs: int, rep: int, n_train: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Preprocess the subset, run each configuration ``--repeats`` times; write ddp.json and ddp.md."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=4000, help="QM9 molecules in the subset")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (throughput over epochs 2..E)")
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_md(res: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
+    """Write the results ``res`` as the Markdown report ``path``."""
     m = res["machine"]
     s = res["summary"]
     L = ["# molmat DDP throughput on CPU (issue 5)", ""]

@@ -45,11 +45,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from pipeline.graphs import GraphBatch
 
 PY = str(ROOT / ".venv" / "bin" / "python")
 MOLMAT = str(ROOT / ".venv" / "bin" / "molmat")
@@ -88,6 +93,7 @@ COMMANDS: list[dict[str, Any]] = []
 
 
 def log(msg: str) -> None:
+    """Print ``msg`` with a time stamp, flushed."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -176,6 +182,7 @@ def preprocess(name: str, work: Path, args: argparse.Namespace) -> Path:
 
 
 def split_sizes(d: Path) -> dict[str, int]:
+    """Record counts of the train/val/test splits in ``d/split.json``."""
     s = json.loads((d / "split.json").read_text())
     return {k: len(s[k]) for k in ("train", "val", "test")}
 
@@ -353,7 +360,8 @@ def cmd_dgllife(args: argparse.Namespace) -> int:
     test_loader = make_loader(ds["test"], 128)
     weight = torch.ones(len(targets))
 
-    def normalise(batch):
+    def normalise(batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's targets in the learned space (log10 for moduli), standardised, and their mask."""
         y, mask = batch.y.double(), batch.mask
         pos = y > 0
         t = torch.where(is_log_t, torch.log10(torch.where(pos, y, torch.ones_like(y))), y)
@@ -361,7 +369,8 @@ def cmd_dgllife(args: argparse.Namespace) -> int:
         return ((t.float() - mean_t) / std_t), mask
 
     @torch.no_grad()
-    def predict(loader):
+    def predict(loader: DataLoader) -> np.ndarray:
+        """Predictions for all of ``loader`` in the learned space (de-standardised), float64."""
         model.eval()
         preds = []
         for b in loader:
@@ -580,7 +589,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
     edges = float(np.mean([b.g2d.num_edges() for b in batches]))
     w = torch.ones(len(targets))
 
-    def make(kind: str):
+    def make(kind: str) -> tuple[torch.nn.Module, Callable[[GraphBatch], torch.Tensor]]:
+        """A freshly seeded model of ``kind`` and its forward function on a batch."""
         seed_everything(SEED)
         if kind == "dgllife":
             m = MPNNPredictor(ATOM_DIM, BOND_DIM, node_out_feats=64, edge_hidden_feats=64, n_tasks=len(targets),
@@ -595,11 +605,13 @@ def cmd_speed(args: argparse.Namespace) -> int:
         return m, fwd
 
     def timed(kind: str) -> dict[str, float]:
+        """Train a fresh ``kind`` model on the batches: graphs/s, wall s, CPU/wall and parameter count."""
         m, fwd = make(kind)
         opt = torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         m.train()
 
-        def step(b):
+        def step(b: GraphBatch) -> None:
+            """One training step on ``b``: loss, backward, grad-norm clip, AdamW step."""
             loss = masked_loss(fwd(b), (b.y - mu) / sd, b.mask, w, "mse")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -663,7 +675,8 @@ def measure_loader(d: Path, targets: list[str], batches: int = 250) -> dict[str,
         per.append((time.perf_counter() - t) / n * 1000)
     m = min(4000, len(base))
 
-    def us(fn) -> float:  # best of 3 passes over the same m records (pages warm after the first)
+    def us(fn: Callable[[int], Any]) -> float:  # best of 3 passes over the same m records (pages warm after the first)
+        """Microseconds per call of ``fn(i)`` over records ``0..m-1``."""
         best = math.inf
         for _ in range(3):
             t = time.perf_counter()
@@ -682,6 +695,7 @@ def measure_loader(d: Path, targets: list[str], batches: int = 250) -> dict[str,
 
 # -------------------------------------------------------------------------------- report
 def versions() -> dict[str, str]:
+    """Python, package and dgllife versions, git HEAD and uncommitted pipeline/finetune files."""
     out = {"python": platform.python_version()}
     code = ("import json,torch,dgl,rdkit,pymatgen.core,numpy,lmdb;"
             "print(json.dumps({'torch':torch.__version__,'dgl':dgl.__version__,'rdkit':rdkit.__version__,"
@@ -707,6 +721,7 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
+    """CPU count and model, memory (GiB) and platform of this machine."""
     cpu = "unknown"
     try:
         for line in open("/proc/cpuinfo"):
@@ -722,6 +737,7 @@ def machine() -> dict[str, Any]:
 
 
 def fmt(v: Any, nd: int = 4) -> str:
+    """``v`` as table text: ``-`` for None, finite floats to ``nd`` significant digits."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -752,6 +768,7 @@ def _molmat_history(r: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def write_report(res: dict[str, Any], results_dir: Path) -> None:
+    """Write ``res`` to ``finetune.json`` and render ``finetune.md`` in ``results_dir``."""
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "finetune.json").write_text(json.dumps(res, indent=1, default=str))
     L: list[str] = ["# molmat fine-tuning benchmark (issue 3)", ""]
@@ -979,6 +996,7 @@ def write_report(res: dict[str, Any], results_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or an internal ``_dgllife``/``_speed`` subcommand); returns the exit status."""
     global QUIET_WAIT_S
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="sub")

@@ -78,6 +78,7 @@ T0 = time.time()
 
 
 def log(msg: str) -> None:
+    """Print ``msg`` with the time of day and minutes since start, flushed."""
     print(f"[{time.strftime('%H:%M:%S')} +{(time.time() - T0) / 60:5.1f} min] {msg}", flush=True)
 
 
@@ -102,6 +103,7 @@ def run_cmd(args: list[str], logfile: Path, what: str) -> dict[str, Any]:
 
 
 def reuse_note(what: str, cmd_args: list[str]) -> None:
+    """Record a command whose earlier output is reused instead of running it again."""
     STATE["commands"].append({"what": what, "command": " ".join(f"{k}={v}" for k, v in ENV.items()) + " "
                               + shlex.join(PREFIX + [MOLMAT] + cmd_args), "rc": 0, "reused": True})
 
@@ -131,6 +133,7 @@ def subset_csv(src: Path, out: Path, n: int) -> Path:
 
 
 def preprocess(name: str, sources: list[str], targets: list[str] | None, sets: list[str]) -> Path:
+    """``molmat preprocess`` into WORKDIR/``name`` unless done; records the data, returns the shard dir."""
     d = ARGS.workdir / name
     a = ["preprocess", *sources, "--out", str(d)]
     if targets:
@@ -157,6 +160,7 @@ def preprocess(name: str, sources: list[str], targets: list[str] | None, sets: l
 
 
 def pretrain(name: str, data: Path, sets: list[str]) -> Path:
+    """``molmat pretrain`` of encoder ``name`` unless done; records its metrics, returns the encoder dir."""
     enc = ARGS.workdir / f"enc_{name}"
     a = ["pretrain", "--data", str(data), "--out", str(enc), "--set", f"train.epochs={ARGS.pretrain_epochs}",
          "--set", f"train.patience={PATIENCE}"]
@@ -330,6 +334,7 @@ def _machine() -> dict[str, Any]:
 
 
 def write_results() -> None:
+    """Write STATE to infomax.json and infomax.md under ``--results`` (each replaced atomically)."""
     STATE["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     STATE["elapsed_min"] = round((time.time() - T0) / 60, 1)
     STATE["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
@@ -356,6 +361,7 @@ CASE_TITLES = {"qm9": "QM9 (2D MPNN fine-tuned on 8 targets; encoder pretrained 
 
 
 def render_md() -> str:
+    """The Markdown report of STATE."""
     s = STATE
     L = ["# 3D Infomax: pretrained vs scratch fine-tuning (molmat)", ""]
     L += [f"- status: {s.get('status', 'running')}; last update {s['updated']} ({s['elapsed_min']} min after start)",
@@ -532,6 +538,7 @@ print(json.dumps(out))
 
 # ------------------------------------------------------------------------------------------ main
 def parse_args() -> argparse.Namespace:
+    """The command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1 (default 3)")
     p.add_argument("--sizes", default="1000,5000", help="QM9 labelled training molecules (finetune.max_train)")
@@ -552,6 +559,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    """Run the selected cases (or only re-render with ``--render-only``), writing results after each run."""
     global ARGS
     ARGS = a = parse_args()
     a.workdir = a.workdir.resolve()

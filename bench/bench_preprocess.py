@@ -72,11 +72,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 DATA = Path("/work/shared/data")
 QM9_TAR = DATA / "qm9" / "qm9_20k.xyz.tar.bz2"
@@ -96,16 +99,19 @@ TARGETS = {
 
 # ------------------------------------------------------------------------------------- helpers
 def log(msg: str) -> None:
+    """Print ``msg`` with a time stamp, flushed."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def judge(key: str, value: float) -> str:
+    """``PASS`` or ``FAIL``: ``value`` against the target ``TARGETS[key]``."""
     op, limit, _ = TARGETS[key]
     ok = value >= limit if op == ">=" else value <= limit
     return "PASS" if ok else "FAIL"
 
 
 def machine_info() -> dict[str, Any]:
+    """CPU count and model, memory, Python, platform and package versions of this machine."""
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -250,7 +256,8 @@ def write_matching_labels(stems: list[str], dest: Path) -> int:
     return kept
 
 
-def make_config(extra: list[str], workers: int):
+def make_config(extra: list[str], workers: int) -> Config:
+    """molmat's config with ``workers`` preprocess workers, no extra conformers, plus ``extra`` overrides."""
     from pipeline.config import load_config
 
     return load_config(None, [f"preprocess.workers={workers}", "preprocess.molecule.conformers=0", *extra])
@@ -394,6 +401,7 @@ def profile_rows(profiler: cProfile.Profile, top: int = 15) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ stage 3
 def read_benchmark(shard_dir: Path, batch_size: int, repeats: int,
                    profiler: cProfile.Profile | None = None) -> dict[str, Any]:
+    """Stage 3: records/s of LMDB get, decode, collate and decode + collate over ``shard_dir``."""
     import numpy as np  # noqa: F401
 
     from pipeline.graphs import collate
@@ -405,6 +413,7 @@ def read_benchmark(shard_dir: Path, batch_size: int, repeats: int,
     collate([ds[i] for i in batches[0]])  # warm-up: dgl/torch first-call costs, LMDB open
 
     def timed(fn: Callable[[], Any]) -> dict[str, Any]:
+        """``fn`` timed ``repeats`` times, each after a quiet wait; the judged run (:func:`pick_run`)."""
         runs = []
         for _ in range(repeats):
             wait_for_quiet()
@@ -416,20 +425,24 @@ def read_benchmark(shard_dir: Path, batch_size: int, repeats: int,
         return pick_run(runs)
 
     def raw_only() -> None:
+        """LMDB get of every record, no decoding."""
         for i in range(n):
             ds.raw(i)
 
     def decode_only() -> None:
+        """Decode every record (``ShardDataset[i]``), no collation."""
         for i in range(n):
             ds[i]
 
     decoded = [ds[i] for i in range(n)]
 
     def collate_only() -> None:
+        """Collate the records decoded beforehand, batch by batch."""
         for b in batches:
             collate(decoded[b.start:b.stop])
 
     def end_to_end() -> None:
+        """Decode and collate every batch."""
         for b in batches:
             collate([ds[i] for i in b])
 
@@ -480,6 +493,7 @@ def rss_run(src: Path, out: Path, workers: int, interval: float = 0.1) -> dict[s
     stop = threading.Event()
 
     def poll() -> None:
+        """Sample the subprocess tree's RSS/PSS into ``peak`` every ``interval`` s until ``stop`` is set."""
         nonlocal samples
         try:
             root = psutil.Process(proc.pid)
@@ -525,10 +539,12 @@ def rss_run(src: Path, out: Path, workers: int, interval: float = 0.1) -> dict[s
 
 # ------------------------------------------------------------------------------------- report
 def fmt(x: float, nd: int = 0) -> str:
+    """``x`` with thousands separators and ``nd`` decimals."""
     return f"{x:,.{nd}f}"
 
 
 def write_markdown(res: dict[str, Any], path: Path) -> None:
+    """Write the results ``res`` as the Markdown report ``path``."""
     m = res["machine"]
     lines = [
         "# molmat preprocessing benchmark",
@@ -578,6 +594,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 
 # --------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    """Run all stages, write preprocess.json and preprocess.md; returns 0 if every target passes, else 1."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--qm9-n", type=int, default=20000, help="QM9 molecules for the tar.bz2 run and the big RSS run")
     ap.add_argument("--qm9-dir-n", type=int, default=2000, help="QM9 molecules extracted to a directory (and small RSS run)")
@@ -620,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     want_profile = (lambda key, value: not args.no_profile and (args.profile or judge(key, value) == "FAIL"))
 
     def target_text(key: str) -> str:
+        """The target of ``key`` as text, e.g. ``>= 1,000 molecules/s``."""
         op, limit, unit = TARGETS[key]
         return f"{op} {fmt(limit, 1 if unit == 'x' else 0)} {unit}"
 

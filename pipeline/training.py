@@ -172,6 +172,7 @@ class _Schedule:
         self.bad_epochs = 0
 
     def step(self, step: int) -> None:
+        """Set every group's learning rate for optimizer step ``step`` (warm-up x schedule x plateau scale)."""
         warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
         if self.cfg.schedule == "cosine" and step >= self.warmup:
             t = min(1.0, (step - self.warmup) / max(self.total - self.warmup, 1))
@@ -198,6 +199,7 @@ class _Schedule:
         self.total = max(1, min(self.planned, expected))
 
     def epoch_end(self, metric: float) -> None:
+        """Plateau schedule: scale the learning rate down after ``plateau_patience`` epochs without gain."""
         if self.cfg.schedule != "plateau":
             return
         if metric < self.best - 1e-12:
@@ -209,10 +211,12 @@ class _Schedule:
                 self.bad_epochs = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the same schedule."""
         return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs, "base": self.base,
                 "total": self.total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (``total`` is absent in checkpoints from before budget fitting)."""
         self.scale, self.best, self.bad_epochs, self.base = state["scale"], state["best"], state["bad_epochs"], state["base"]
         self.total = state.get("total", self.total)
 
