@@ -189,3 +189,80 @@ def test_teardown_joins_gloo_threads_before_interpreter_shutdown(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count(" threads ") == 2
+
+
+_FAKE_SRUN = '''#!/bin/bash
+# Stand-in for srun inside an allocation: SLURM_NTASKS copies of the command on this machine,
+# told apart by SLURM_PROCID/SLURM_LOCALID; exits with the highest task status, as srun does.
+n=${SLURM_NTASKS:-1}
+record=1
+if [ "$1" = "--ntasks-per-node=1" ]; then n=1; record=0; shift; fi
+pids=()
+for r in $(seq 0 $((n - 1))); do
+    SLURM_PROCID=$r SLURM_LOCALID=$r "$@" &
+    pids+=($!)
+    [ "$record" -eq 1 ] && echo $! >> "$FAKE_SRUN_PIDS"
+done
+st=0
+for p in "${pids[@]}"; do wait "$p"; s=$?; [ "$s" -gt "$st" ] && st=$s; done
+exit $st
+'''
+
+
+def test_multinode_template_requeues_when_tasks_are_signalled_and_resumes(qm9_shards, tmp_path):
+    """hpc/train_multinode.sbatch with a stand-in srun: USR1 to the tasks, requeue, rerun == uninterrupted."""
+    import signal
+    import time
+    from pathlib import Path
+
+    bindir = Path(sys.executable).parent
+    if not (bindir / "molmat").exists():
+        pytest.skip("needs the molmat script of an installed environment")
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (fake / "srun").write_text(_FAKE_SRUN)
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    script = Path(__file__).resolve().parent.parent / "hpc" / "train_multinode.sbatch"
+    sets = " ".join(f"--set {kv}" for kv in SMALL[:-2] + ["train.epochs=40", "finetune.targets=[gap_Ha]",
+                                                           "train.batch_size=16", "train.patience=1000"])
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
+    env = dict(base, PATH=f"{fake}:{base.get('PATH', '')}", OMP_NUM_THREADS="1", DATA=str(qm9_shards),
+               MOLMAT=str(bindir / "molmat"), MOLMAT_ARGS=sets, SLURM_JOB_ID="4243", SLURM_NTASKS="2",
+               SLURM_JOB_NODELIST="localhost", TMPDIR=str(tmp_path / "local"))
+    (tmp_path / "local").mkdir()
+
+    def run(run_dir: Path, signal_tasks: bool) -> tuple[int, str]:
+        pids = tmp_path / f"pids_{run_dir.name}"
+        pids.write_text("")
+        e = dict(env, RUN=str(run_dir), MASTER_PORT=str(_free_port()), FAKE_SRUN_PIDS=str(pids))
+        proc = subprocess.Popen(["bash", str(script)], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        if signal_tasks:  # what --signal=USR1@180 does: USR1 to every task of the job step
+            deadline = time.time() + 300
+            metrics = run_dir / "metrics.csv"
+            while time.time() < deadline and proc.poll() is None:
+                if metrics.exists() and metrics.read_text().count("\n") > 2:
+                    for pid in pids.read_text().split():
+                        os.kill(int(pid), signal.SIGUSR1)
+                    break
+                time.sleep(0.05)
+        out, _ = proc.communicate(timeout=300)
+        return proc.returncode, out
+
+    rc, out = run(tmp_path / "run", signal_tasks=True)
+    assert rc == 0 and "requeueing 4243" in out, out[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4243"]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]["epoch"] < 40
+    rc, out = run(tmp_path / "run", signal_tasks=False)  # the requeued job resumes
+    assert rc == 0, out[-3000:]
+    rc, out = run(tmp_path / "ref", signal_tasks=False)
+    assert rc == 0, out[-3000:]
+    assert "2 processes via slurm" in out
+    a = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    assert a["state"]["step"] == b["state"]["step"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
