@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,30 @@ def test_mixed_molecules_and_crystals_in_one_directory(tmp_path):
     batch = collate([ds[0], ds[len(ds) - 1]])
     assert batch.kinds == ["molecule", "crystal"] and batch.g3d is not None
     assert np.isnan(ds[0]["y"][[t["name"] for t in s.targets].index("band_gap_eV")])
+
+
+def test_preprocess_array_template_parts_merge_to_one_run(tmp_path):
+    """hpc/preprocess_array.sbatch run as two array tasks (srun stood in), merged == one unsplit run."""
+    bindir = Path(sys.executable).parent
+    if not (bindir / "molmat").exists():
+        pytest.skip("needs the molmat script of an installed environment")
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (fake / "srun").chmod(0o755)
+    script = Path(__file__).resolve().parent.parent / "hpc" / "preprocess_array.sbatch"
+    src = str(DATASETS / "qm9" / "xyz")
+    env = dict(os.environ, PATH=f"{fake}:{os.environ.get('PATH', '')}", PARTS="2", SOURCE=src,
+               OUT=str(tmp_path / "out"), MOLMAT=str(bindir / "molmat"), SLURM_CPUS_PER_TASK="1",
+               MOLMAT_ARGS="--set preprocess.shard_size=40")
+    for task in ("0", "1"):
+        r = subprocess.run(["bash", str(script)], env=dict(env, SLURM_ARRAY_TASK_ID=task), cwd=tmp_path,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    parts = [str(tmp_path / "out" / f"part_{i}") for i in (0, 1)]
+    r = subprocess.run(CLI + ["preprocess", "--merge", *parts, "--out", str(tmp_path / "all"),
+                              "--set", "preprocess.shard_size=40"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    whole = tmp_path / "whole"
+    preprocess([src], whole, load_config(None, ["preprocess.shard_size=40"]), workers=0)
+    assert _all_records(tmp_path / "all") == _all_records(whole)
