@@ -99,10 +99,17 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 def _kill_leftover_workers() -> None:
     # multiprocessing's own exit hook terminates daemonic children with SIGTERM, which loader
     # workers ignore, and then joins them forever; this hook is registered later, so runs first.
+    # It does the same first (other daemonic children keep their SIGTERM cleanup) and SIGKILLs
+    # only what is still alive after that.
     import multiprocessing
 
-    for proc in multiprocessing.active_children():
-        if proc.daemon:
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for proc in children:
+        proc.terminate()
+    deadline = time.monotonic() + 2.0
+    for proc in children:
+        proc.join(max(deadline - time.monotonic(), 0.0))
+        if proc.is_alive():
             proc.kill()
 
 

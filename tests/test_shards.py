@@ -169,3 +169,24 @@ def test_neighbour_shells_group_ties_and_follow_distance():
     dist = np.array([3.0, 2.0, 2.05, 2.5, 3.0, 2.0, 4.0])
     assert neighbour_shells(dst, dist, gap=0.1).tolist() == [0, 0, 0, 1, 0, 0, 1]
     assert neighbour_shells(np.zeros(0, int), np.zeros(0)).size == 0
+
+
+def test_molmat_loader_workers_ignore_stop_signals_and_do_not_block_exit(mp_shards, tmp_path):
+    """Workers of make_loader survive SIGTERM/SIGUSR1, and a process that leaves them running still exits."""
+    script = tmp_path / "leak.py"
+    script.write_text(f'''
+import os, signal, sys
+from pipeline.shards import ShardDataset
+from pipeline.training import make_loader
+loader = make_loader(ShardDataset({str(mp_shards)!r}), 16, num_workers=2, shuffle_seed=0)
+it = iter(loader)  # kept alive to the end: its workers are still running at exit
+next(it)
+for w in it._workers:
+    os.kill(w.pid, signal.SIGTERM)
+    os.kill(w.pid, signal.SIGUSR1)
+next(it)  # a killed worker would raise "DataLoader worker ... is killed by signal"
+print("alive", all(w.is_alive() for w in it._workers))
+''')
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "alive True" in r.stdout
