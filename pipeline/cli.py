@@ -31,11 +31,11 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def _inference_setup(args: argparse.Namespace) -> tuple[Config, Any]:
-    """Config and torch device for evaluate/predict/embed.
+def _config_and_device(args: argparse.Namespace) -> tuple[Config, Any]:
+    """The config, with ``train.threads`` applied, and the torch device ``train.device`` names.
 
-    The model's own ``config.json`` fixes architecture and featurisation; from the run config these
-    stages take only ``train.device`` and ``train.threads``.
+    For evaluate/predict/embed these are all they take from the run config: the model's own
+    ``config.json`` fixes architecture and featurisation.
     """
     import torch
 
@@ -114,15 +114,10 @@ def _distributed_stage(name: str, run: Callable[..., Any], args: argparse.Namesp
     with :data:`EXIT_REQUEUE` on every rank, so that a Slurm script can requeue the job.
     """
     from pipeline import distributed
-    from pipeline.training import pick_device
 
-    cfg = _config(args)
-    if cfg.train.threads is not None:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
+    cfg, device = _config_and_device(args)
     denv = distributed.detect()
-    device = distributed.setup(denv, pick_device(cfg.train.device))
+    device = distributed.setup(denv, device)
     ok = False
     try:
         result = run(cfg, rank=denv.rank, world_size=denv.world_size, device=device)
@@ -160,7 +155,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """``molmat embed RUN_OR_ENC INPUT... --out FILE``."""
     from pretrain.embed import embed
 
-    _, device = _inference_setup(args)
+    _, device = _config_and_device(args)
     n = embed(args.path, args.inputs, args.out, which=args.which, fmt=args.format or "auto", device=device)
     print(f"wrote {n} embedding(s) to {args.out}")
     return 0
@@ -171,7 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from finetune.evaluate import evaluate
     from pipeline.config import write_resolved
 
-    cfg, device = _inference_setup(args)
+    cfg, device = _config_and_device(args)
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
     metrics = evaluate(args.run, args.data, args.split, out, device=device)
     write_resolved(cfg, out)
@@ -186,7 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``molmat predict RUN INPUT... --out FILE.csv``."""
     from finetune.predict import predict
 
-    _, device = _inference_setup(args)
+    _, device = _config_and_device(args)
     rows = predict(args.run, args.inputs, args.out, fmt=args.format or "auto", device=device)
     print(f"wrote {rows} row(s) to {args.out}")
     return 0

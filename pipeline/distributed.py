@@ -100,7 +100,6 @@ def teardown(barrier: bool = True) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
-            gc.collect()
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:

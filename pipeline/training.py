@@ -8,7 +8,9 @@ also when it stopped mid-epoch.
 """
 from __future__ import annotations
 
+import atexit
 import csv
+import functools
 import logging
 import math
 import os
@@ -113,28 +115,25 @@ def _kill_leftover_workers() -> None:
             proc.kill()
 
 
-_EXIT_HOOK: list[bool] = []
-
-
-def _worker_init(num_workers: int) -> Callable[[int], None] | None:
-    """The ``worker_init_fn`` for a loader with ``num_workers`` workers (None without workers)."""
-    if not num_workers:
-        return None
-    if not _EXIT_HOOK:
-        import atexit
-
-        atexit.register(_kill_leftover_workers)
-        _EXIT_HOOK.append(True)
-    return ignore_stop_signals
+@functools.cache
+def _register_exit_hook() -> None:
+    atexit.register(_kill_leftover_workers)
 
 
 class StopSafeLoader(DataLoader):
     """A DataLoader whose workers are never killed by a stop signal meant for the trainer.
 
-    SIGTERM/SIGUSR1 are blocked while the workers are forked (they start at each ``iter``) and
-    the workers ignore them before unblocking, so a signal in that window neither kills a
-    worker nor is lost: the parent receives it when it unblocks.
+    With workers, each gets :func:`ignore_stop_signals` as its ``worker_init_fn``, and
+    SIGTERM/SIGUSR1 are blocked while the workers are forked (they start at each ``iter``), so a
+    signal in that window neither kills a worker nor is lost: the parent receives it when it
+    unblocks. Takes DataLoader's arguments except ``worker_init_fn``.
     """
+
+    def __init__(self, dataset: Any, **kwargs: Any) -> None:
+        if kwargs.get("num_workers"):
+            _register_exit_hook()
+            kwargs["worker_init_fn"] = ignore_stop_signals
+        super().__init__(dataset, **kwargs)
 
     def __iter__(self) -> Any:
         """Start the workers with the stop signals blocked."""
@@ -156,7 +155,6 @@ def make_loader(dataset: Any, batch_size: int, sampler: Sampler | None = None, n
     # each epoch start, and a run resumed mid-epoch would then diverge from an uninterrupted one.
     return StopSafeLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
                           collate_fn=collate_fn, persistent_workers=False, drop_last=False,
-                          worker_init_fn=_worker_init(num_workers),
                           generator=torch.Generator().manual_seed(shuffle_seed or 0))
 
 
@@ -290,8 +288,7 @@ class Trainer:
         val_batches = [list(range(i, min(i + cfg.batch_size, len(val_set))))
                        for i in range(0, len(val_set), cfg.batch_size)][rank::world_size]
         self.val_loader = StopSafeLoader(val_set, batch_sampler=val_batches, num_workers=cfg.num_workers,
-                                         collate_fn=collate_fn,
-                                         worker_init_fn=_worker_init(cfg.num_workers))
+                                         collate_fn=collate_fn)
         steps_per_epoch = math.ceil(len(self.sampler.order()) / cfg.batch_size)
         self.steps_per_epoch = steps_per_epoch
         self.schedule = _Schedule(self.optimizer, cfg, steps_per_epoch * cfg.epochs)

@@ -22,6 +22,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without launcher variables (a test sets those itself)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
+    return dict(base, **extra)
+
+
 def _sets(items):
     return [x for kv in items for x in ("--set", kv)]
 
@@ -82,8 +89,7 @@ def test_two_process_pretraining_runs(qm9_shards, tmp_path):
 def test_srun_style_launch_matches_torchrun(qm9_shards, tmp_path):
     """What `srun molmat finetune` starts: N copies of the same command told apart only by SLURM_*."""
     args = ["finetune", "--data", str(qm9_shards)] + _sets(SMALL + ["train.batch_size=16", "train.epochs=1"])
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
+    base = _clean_env()
     slurm = dict(base, OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost",
                  SLURM_JOB_ID="4242", MASTER_PORT=str(_free_port()))  # without MASTER_PORT: 20000 + job id % 20000
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--out", str(tmp_path / "srun")],
@@ -102,26 +108,8 @@ def test_srun_style_launch_matches_torchrun(qm9_shards, tmp_path):
         torch.testing.assert_close(a[k], b[k], msg=k)
 
 
-def _run_template(script, env, signal_after_epoch=None, timeout=300):
-    """Run an hpc/ sbatch script with bash; optionally send it USR1 (what --signal=B:USR1 does)."""
-    import signal
-    import time
-
-    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if signal_after_epoch is not None:
-        metrics = env["RUN"] + "/metrics.csv"
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(metrics) and open(metrics).read().count("\n") > signal_after_epoch + 1:
-                proc.send_signal(signal.SIGUSR1)
-                break
-            time.sleep(0.05)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def test_single_node_template_requeues_on_signal_and_resumes_to_the_same_weights(qm9_shards, tmp_path):
-    """hpc/train_1node.sbatch under bash with torchrun on CPU: signal, requeue, rerun == uninterrupted."""
+def _template_env(tmp_path, qm9_shards, fakes: dict[str, str], **extra: str) -> dict[str, str]:
+    """Environment for an hpc/ training template: stand-in Slurm tools first on PATH, a small fine-tune."""
     from pathlib import Path
 
     bindir = Path(sys.executable).parent
@@ -129,34 +117,64 @@ def test_single_node_template_requeues_on_signal_and_resumes_to_the_same_weights
         pytest.skip("needs the torchrun and molmat scripts of an installed environment")
     fake = tmp_path / "fakebin"
     fake.mkdir()
-    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
-    (fake / "scontrol").chmod(0o755)
-    script = Path(__file__).resolve().parent.parent / "hpc" / "train_1node.sbatch"
+    fakes = dict(fakes, scontrol=f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    for name, text in fakes.items():
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    (tmp_path / "local").mkdir()
     sets = " ".join(f"--set {kv}" for kv in SMALL[:-2] + ["train.epochs=40", "finetune.targets=[gap_Ha]",
                                                            "train.batch_size=16", "train.patience=1000"])
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
-    env = dict(base, PATH=f"{fake}:{bindir}:{base.get('PATH', '')}", OMP_NUM_THREADS="1", GPUS="2",
-               DATA=str(qm9_shards), MOLMAT=str(bindir / "molmat"), MOLMAT_ARGS=sets, SLURM_JOB_ID="4242",
-               TMPDIR=str(tmp_path / "local"))
-    (tmp_path / "local").mkdir()
+    return _clean_env(PATH=f"{fake}:{bindir}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+                      DATA=str(qm9_shards), MOLMAT=str(bindir / "molmat"), MOLMAT_ARGS=sets,
+                      TMPDIR=str(tmp_path / "local"), **extra)
+
+
+def _run_template(name, env, on_epoch_1=None, timeout=300):
+    """Run hpc/NAME under bash; call ``on_epoch_1(proc)`` once RUN/metrics.csv shows two epochs."""
+    import time
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "hpc" / name
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if on_epoch_1 is not None:
+        metrics = Path(env["RUN"]) / "metrics.csv"
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") > 2:
+                on_epoch_1(proc)
+                break
+            time.sleep(0.05)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _assert_same_last_weights(a_dir, b_dir):
+    a = torch.load(a_dir / "last.pt", weights_only=True)
+    b = torch.load(b_dir / "last.pt", weights_only=True)
+    assert a["state"]["step"] == b["state"]["step"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
+
+
+def test_single_node_template_requeues_on_signal_and_resumes_to_the_same_weights(qm9_shards, tmp_path):
+    """hpc/train_1node.sbatch under bash with torchrun on CPU: signal, requeue, rerun == uninterrupted."""
+    import signal
+
+    env = _template_env(tmp_path, qm9_shards, {}, GPUS="2", SLURM_JOB_ID="4242")
     interrupted = dict(env, RUN=str(tmp_path / "run"))
-    rc, out = _run_template(script, interrupted, signal_after_epoch=1)
+    # what --signal=B:USR1@180 does: USR1 to the batch shell
+    rc, out = _run_template("train_1node.sbatch", interrupted, lambda proc: proc.send_signal(signal.SIGUSR1))
     assert rc == 0, out[-3000:]
     assert "requeueing 4242" in out, out[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     stopped = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state"]
     assert 1 <= stopped["epoch"] < 40, stopped
-    rc, out = _run_template(script, interrupted)  # the requeued job: same command, resumes
+    rc, out = _run_template("train_1node.sbatch", interrupted)  # the requeued job: same command, resumes
     assert rc == 0, out[-3000:]
-    rc, ref_out = _run_template(script, dict(env, RUN=str(tmp_path / "ref")))
+    rc, ref_out = _run_template("train_1node.sbatch", dict(env, RUN=str(tmp_path / "ref")))
     assert rc == 0, ref_out[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"], "only the signalled run requeues"
-    a = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
-    assert a["state"]["step"] == b["state"]["step"]
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
+    _assert_same_last_weights(tmp_path / "run", tmp_path / "ref")
 
 
 _TEARDOWN_SCRIPT = '''
@@ -212,45 +230,20 @@ exit $st
 def test_multinode_template_requeues_when_tasks_are_signalled_and_resumes(qm9_shards, tmp_path):
     """hpc/train_multinode.sbatch with a stand-in srun: USR1 to the tasks, requeue, rerun == uninterrupted."""
     import signal
-    import time
-    from pathlib import Path
 
-    bindir = Path(sys.executable).parent
-    if not (bindir / "molmat").exists():
-        pytest.skip("needs the molmat script of an installed environment")
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
-    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
-    (fake / "srun").write_text(_FAKE_SRUN)
-    for f in fake.iterdir():
-        f.chmod(0o755)
-    script = Path(__file__).resolve().parent.parent / "hpc" / "train_multinode.sbatch"
-    sets = " ".join(f"--set {kv}" for kv in SMALL[:-2] + ["train.epochs=40", "finetune.targets=[gap_Ha]",
-                                                           "train.batch_size=16", "train.patience=1000"])
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
-    env = dict(base, PATH=f"{fake}:{base.get('PATH', '')}", OMP_NUM_THREADS="1", DATA=str(qm9_shards),
-               MOLMAT=str(bindir / "molmat"), MOLMAT_ARGS=sets, SLURM_JOB_ID="4243", SLURM_NTASKS="2",
-               SLURM_JOB_NODELIST="localhost", TMPDIR=str(tmp_path / "local"))
-    (tmp_path / "local").mkdir()
+    env = _template_env(tmp_path, qm9_shards, {"srun": _FAKE_SRUN}, SLURM_JOB_ID="4243", SLURM_NTASKS="2",
+                        SLURM_JOB_NODELIST="localhost")
 
-    def run(run_dir: Path, signal_tasks: bool) -> tuple[int, str]:
+    def run(run_dir, signal_tasks: bool) -> tuple[int, str]:
         pids = tmp_path / f"pids_{run_dir.name}"
         pids.write_text("")
+
+        def usr1_to_tasks(proc):  # what --signal=USR1@180 does: USR1 to every task of the job step
+            for pid in pids.read_text().split():
+                os.kill(int(pid), signal.SIGUSR1)
+
         e = dict(env, RUN=str(run_dir), MASTER_PORT=str(_free_port()), FAKE_SRUN_PIDS=str(pids))
-        proc = subprocess.Popen(["bash", str(script)], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        if signal_tasks:  # what --signal=USR1@180 does: USR1 to every task of the job step
-            deadline = time.time() + 300
-            metrics = run_dir / "metrics.csv"
-            while time.time() < deadline and proc.poll() is None:
-                if metrics.exists() and metrics.read_text().count("\n") > 2:
-                    for pid in pids.read_text().split():
-                        os.kill(int(pid), signal.SIGUSR1)
-                    break
-                time.sleep(0.05)
-        out, _ = proc.communicate(timeout=300)
-        return proc.returncode, out
+        return _run_template("train_multinode.sbatch", e, usr1_to_tasks if signal_tasks else None)
 
     rc, out = run(tmp_path / "run", signal_tasks=True)
     assert rc == 0 and "requeueing 4243" in out, out[-3000:]
@@ -261,8 +254,4 @@ def test_multinode_template_requeues_when_tasks_are_signalled_and_resumes(qm9_sh
     rc, out = run(tmp_path / "ref", signal_tasks=False)
     assert rc == 0, out[-3000:]
     assert "2 processes via slurm" in out
-    a = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
-    assert a["state"]["step"] == b["state"]["step"]
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
+    _assert_same_last_weights(tmp_path / "run", tmp_path / "ref")
