@@ -75,7 +75,9 @@ def main(argv: list[str]) -> int:
     if argv[0] == "run":
         cmd = [str(py), "-m", "pipeline.cli", "run", *argv[1:]]
     else:
-        cmd = [str(py), "-m", "pytest", "-q", "-m", "not slow", *argv[1:]]
+        # every test, the slow ones (torchrun, sbatch templates, signals) included;
+        # `pytest -m "not slow"` is the fast subset for development
+        cmd = [str(py), "-m", "pytest", "-q", *argv[1:]]
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 

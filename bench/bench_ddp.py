@@ -9,8 +9,8 @@ of epochs (``--epochs``) and the same global batch:
 * ``2p x 1t``: ``python -m torch.distributed.run --nproc_per_node=2 -m pipeline.cli finetune``
   with OMP_NUM_THREADS=1 and ``train.batch_size=32`` per process (global batch 64).
 
-molmat runs through ``bench/_molmat_timed.py`` (``pipeline.cli.main`` plus counters; see that
-file), so besides ``metrics.csv`` (its cumulative ``seconds`` column, which includes validation)
+molmat runs through its command line (``python -m pipeline.cli``); every training run writes
+``timing.json`` (the trainer's ``TimingCallback``), so besides ``metrics.csv`` (its cumulative ``seconds`` column, which includes validation)
 we also get training-only time per epoch. Startup (imports, process-group set-up, normalisation
 fit) and the first epoch (first-step warm-up) are excluded: throughput is measured over epochs
 2..E. Repeats are interleaved (A B C A B C ...) and the median is reported.
@@ -79,21 +79,21 @@ def one_run(cfg: str, d: Path, work: Path, epochs: int, rep: int, n_train: int) 
     args = ["finetune", "--data", str(d), "--out", str(run)] + [a for s in sets for a in ("--set", s)]
     env = {"OMP_NUM_THREADS": str(threads)}
     if nproc == 1:
-        cmd = [PY, bf.TIMED] + args
+        cmd = [PY, *bf.TIMED.split()] + args
         equiv = shlex.join(["molmat"] + args)
     else:
         port = str(free_port())
         launch = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                   f"--master_port={port}"]
-        cmd = [PY] + launch + [bf.TIMED] + args
+        cmd = [PY] + launch + [*bf.TIMED.split()] + args
         equiv = shlex.join(["python"] + launch + ["-m", "pipeline.cli"] + args)
     e = bf.run_cmd(cmd, work / "logs" / f"{cfg}_rep{rep}.log", f"{cfg} repeat {rep}", env=env, record_as=equiv)
     if e["rc"] != 0:
         return {"error": f"rc {e['rc']}, log {e['log']}", "cmd": e}
     rows = read_metrics(run)
-    timings = [json.loads((run / "bench_timing.json").read_text())]
+    timings = [json.loads((run / "timing.json").read_text())]
     for r in range(1, nproc):
-        timings.append(json.loads((run / f"bench_timing.rank{r}.json").read_text()))
+        timings.append(json.loads((run / f"timing.rank{r}.json").read_text()))
     # metrics.csv: cumulative seconds since fit() started, validation included; epochs 2..E
     csv_s = rows[-1]["seconds"] - rows[0]["seconds"]
     # graphs per epoch over all ranks, from the timing counters (DDP pads the last rank's share)
@@ -222,12 +222,12 @@ def write_md(res: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
     L.append("")
     L.append("'metrics.csv' throughput = graphs in epochs 2..E / (seconds[E] - seconds[1]) from the `seconds` column "
              "(cumulative, includes each epoch's validation). 'training steps only' subtracts validation and "
-             "checkpoint writing (counters in bench/_molmat_timed.py). Under DDP every rank validates the whole "
+             "checkpoint writing (counters from each run's timing.json). Under DDP every rank validates the whole "
              "validation set (the val loader is not sharded), so validation does not get faster with more processes.")
     L.append("")
     L.append("## Commands (cwd /work/main)")
     L.append("")
-    L.append(f"Whole benchmark: `{res['command']}`. `bench/_molmat_timed.py ARGS` = `molmat ARGS` plus counters; "
+    L.append(f"Whole benchmark: `{res['command']}`. `python -m pipeline.cli ARGS` = `molmat ARGS`; "
              "the plain form is given after '='.")
     L.append("")
     for c in res["commands"]:

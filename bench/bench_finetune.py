@@ -12,9 +12,10 @@ preprocess``), and the same wall-clock training budget per model (``--minutes``)
 plus a controlled speed comparison (molmat MPNN vs MPNNPredictor, same width, same pre-collated
 QM9 batches of 64, forward + backward + clip + AdamW step, ``--speed-steps`` steps).
 
-molmat runs through its command line (``molmat preprocess``, ``molmat finetune`` via
-``bench/_molmat_timed.py``, which is ``pipeline.cli.main`` plus counters for graphs, validation
-and checkpoint time, and ``molmat evaluate``). MPNNPredictor is trained by this file
+molmat runs through its command line (``molmat preprocess``, ``molmat finetune`` and
+``molmat evaluate``, as ``python -m pipeline.cli``); the counters for graphs, validation and
+checkpoint time come from the ``timing.json`` every training run writes (the trainer's
+``TimingCallback``). MPNNPredictor is trained by this file
 (``_dgllife`` subcommand, its own process) on molmat's own batches (``GraphBatch.g2d`` ndata
 ``x``, edata ``e``), so featurisation, split, batch size, loader and budget rule are identical.
 dgllife is installed with ``pip install --no-deps --target /tmp/benchlib dgllife`` (plus
@@ -58,7 +59,8 @@ if TYPE_CHECKING:
 
 PY = str(ROOT / ".venv" / "bin" / "python")
 MOLMAT = str(ROOT / ".venv" / "bin" / "molmat")
-TIMED = "bench/_molmat_timed.py"
+#: The molmat command line as a module (the console script calls the same `main`).
+TIMED = "-m pipeline.cli"
 BENCHLIB = "/tmp/benchlib"
 DATA = Path("/work/shared/data")
 HA_TO_EV = 27.211386
@@ -197,12 +199,12 @@ def molmat_model(name: str, model: str, d: Path, work: Path, minutes: float) -> 
     sets = [f"train.max_minutes={minutes}", f"train.epochs={MAX_EPOCHS}",
             "finetune.targets=[" + ",".join(spec["targets"]) + "]"]
     if model == "molmat_schnet":
-        sets += ["model.encoder=schnet", "model.schnet.cutoff=8.0"]
+        sets += ["model.encoder2d=null", "model.encoder3d.name=schnet", "model.encoder3d.cutoff=8.0"]
     if model == "molmat_mpnn_plain":
-        sets += ["model.mpnn.crystal_shells=false"]
+        sets += ["model.encoder2d.crystal_shells=false"]
     set_args = [a for s in sets for a in ("--set", s)]
     args = ["finetune", "--data", str(d), "--out", str(run)] + set_args
-    e_ft = run_cmd([PY, TIMED] + args, work / "logs" / f"finetune_{name}_{model}.log", f"finetune {name} {model}",
+    e_ft = run_cmd([PY, *TIMED.split()] + args, work / "logs" / f"finetune_{name}_{model}.log", f"finetune {name} {model}",
                    record_as=shlex.join(["molmat"] + args))
     if e_ft["rc"] != 0:
         return {"error": f"finetune failed (rc {e_ft['rc']}), log {e_ft['log']}"}
@@ -211,7 +213,7 @@ def molmat_model(name: str, model: str, d: Path, work: Path, minutes: float) -> 
     if e_ev["rc"] != 0:
         return {"error": f"evaluate failed (rc {e_ev['rc']}), log {e_ev['log']}"}
     metrics = json.loads((run / "eval_test" / "metrics.json").read_text())
-    timing = json.loads((run / "bench_timing.json").read_text())
+    timing = json.loads((run / "timing.json").read_text())
     result = json.loads((run / "result.json").read_text())
     per_target = {}
     for t in spec["targets"]:
@@ -259,7 +261,7 @@ def _import_dgllife():
 
 
 def _datasets(d: Path, targets: list[str]):
-    from finetune.train import _Columns
+    from finetune.modeldata import TargetColumns
     from pipeline.shards import ShardDataset, load_manifest
     from pipeline.splits import load_split
 
@@ -267,7 +269,7 @@ def _datasets(d: Path, targets: list[str]):
     split = load_split(d)
     names = [t["name"] for t in manifest["targets"]]
     cols = [names.index(t) for t in targets]
-    return {k: _Columns(ShardDataset(d, split[k]), cols) for k in ("train", "val", "test")}
+    return {k: TargetColumns(ShardDataset(d, split[k]), cols) for k in ("train", "val", "test")}
 
 
 def _labels(ds) -> "np.ndarray":
@@ -331,7 +333,7 @@ def cmd_dgllife(args: argparse.Namespace) -> int:
     import torch
 
     import pipeline  # noqa: F401
-    from finetune.train import masked_loss
+    from finetune.losses import masked_loss
     from pipeline.graphs import ATOM_DIM, BOND_DIM
     from pipeline.training import EpochSampler, make_loader, seed_everything
 
@@ -517,7 +519,7 @@ def baseline(name: str, kind: str, model: str, d: Path, minutes: float) -> dict[
         Xtr_t = torch.from_numpy(X)
         Yn = torch.from_numpy(((T - mean) / std).astype(np.float32))
         Mt = torch.from_numpy(M)
-        from finetune.train import masked_loss
+        from finetune.losses import masked_loss
 
         w = torch.ones(len(targets))
         best, best_state, bad_ep, steps, seen, train_s, epoch = math.inf, None, 0, 0, 0, 0.0, 0
@@ -570,8 +572,9 @@ def cmd_speed(args: argparse.Namespace) -> int:
     import torch
 
     import pipeline  # noqa: F401
-    from finetune.model import PropertyModel, TargetSpec
-    from finetune.train import masked_loss
+    from pipeline.config import ModelConfig
+    from pipeline.models.property import PropertyModel, TargetSpec
+    from finetune.losses import masked_loss
     from pipeline.graphs import ATOM_DIM, BOND_DIM, collate
     from pipeline.models.mpnn import MPNNConfig
     from pipeline.training import EpochSampler, seed_everything
@@ -597,7 +600,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
                               num_step_message_passing=3, num_step_set2set=3, num_layer_set2set=1)
             fwd = lambda b: m(b.g2d, b.g2d.ndata["x"], b.g2d.edata["e"])  # noqa: E731
         else:
-            m = PropertyModel("mpnn", MPNNConfig(hidden=64, steps=3, readout="set2set", set2set_iters=3), None,
+            m = PropertyModel(ModelConfig(encoder2d=MPNNConfig(hidden=64, steps=3, readout="set2set", set2set_iters=3)),
                               [TargetSpec(t, "") for t in targets])
             if kind == "molmat_per_edge":
                 m.encoder2d.force_per_edge = True
@@ -748,7 +751,7 @@ def fmt(v: Any, nd: int = 4) -> str:
 
 
 MODEL_LABEL = {"molmat_mpnn": "molmat MPNN (edge network, d=64, T=3, set2set)",
-               "molmat_mpnn_plain": "molmat MPNN, crystal edges without shells (model.mpnn.crystal_shells=false)",
+               "molmat_mpnn_plain": "molmat MPNN, crystal edges without shells (model.encoder2d.crystal_shells=false)",
                "molmat_schnet": "molmat SchNet (cutoff 8 A)",
                "dgllife_mpnn": "dgllife MPNNPredictor (d=64, edge hidden 64, T=3, set2set 3x1)",
                "morgan_ridge": "Morgan r=2 2048 bits + ridge", "morgan_mlp": "Morgan r=2 2048 bits + MLP 2x256",
@@ -970,8 +973,8 @@ def write_report(res: dict[str, Any], results_dir: Path) -> None:
     L.append("")
     L.append(f"Whole benchmark: `{res['command']}`")
     L.append("")
-    L.append("`bench/_molmat_timed.py ARGS` is `molmat ARGS` (it calls `pipeline.cli.main`, the console script's "
-             "entry point) with counters for graphs, validation and checkpoint time; the `molmat ...` form is shown "
+    L.append("`python -m pipeline.cli ARGS` is `molmat ARGS` (the console script's entry point); counters for graphs, "
+             "validation and checkpoint time come from each run's `timing.json`; the `molmat ...` form is shown "
              "as well.")
     L.append("")
     L.append("| what | command | wall s | our cores | other cores | waited for quiet s |")

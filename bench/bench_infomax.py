@@ -17,7 +17,7 @@ Cases
 3. Crystals: the first ``--mp-subset`` CIFs of ``mp/cifs.tar.gz`` (archive order) with their
    ``labels.csv`` rows (band_gap_eV) and the whole ``mp_elastic`` set (K_VRH_GPa, G_VRH_GPa,
    learned and scored as log10). The crystal encoder is pretrained on the MP subset's train split
-   (neighbour-topology MPNN vs periodic SchNet, ``model.schnet.cutoff=8.0``), then the band gap is
+   (neighbour-topology MPNN vs periodic SchNet, ``pretrain.encoder3d.cutoff=8.0``), then the band gap is
    fine-tuned on the MP subset and the moduli on mp_elastic, scratch vs ``--init``.
 
 Budgets are fixed epoch counts (``train.epochs``), never wall-clock (``train.max_minutes`` unset,
@@ -602,7 +602,7 @@ def main() -> None:
         "one size fine-tune on the same molecules; seed variation is initialisation (heads; and the encoder for "
         "scratch) and batch order",
         "with --init the fine-tuning model takes the encoder's architecture (finetune/train.py); the encoder was "
-        "pretrained with the default model.mpnn settings, which are also what the scratch runs use",
+        "pretrained with the default model.encoder2d settings, which are also what the scratch runs use",
     ]
     write_results()
     if a.qm9_subset or a.qm8_subset or a.elastic_subset:
@@ -641,7 +641,7 @@ def main() -> None:
                                 DATA / "mp_elastic" / "labels.csv")
         el = preprocess("mp_elastic", [str(el_src)], EL_TARGETS, [])
         overlap_notes(None, None, mp, el)
-        enc_mp = pretrain("mp", mp, ["model.schnet.cutoff=8.0"])
+        enc_mp = pretrain("mp", mp, ["pretrain.encoder3d.cutoff=8.0"])
         for s in seeds:
             for arm, init in (("scratch", None), ("pretrained", enc_mp)):
                 finetune_eval("mp_band_gap", "MP subset, whole train split", arm, s, mp, MP_TARGETS, a.mp_epochs, None, init)

@@ -4,7 +4,24 @@
 """
 from __future__ import annotations
 
-import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
-from finetune.io import load_model
+from pathlib import Path
 
-__all__ = ["load_model"]
+import torch
+
+import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
+from pipeline.checkpoint import PROPERTY_MODEL, load_model_dir
+from pipeline.models.property import PropertyModel
+
+__all__ = ["load_model", "PropertyModel"]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> PropertyModel:
+    """Rebuild a trained property model from its directory (``RUN/best``, or the run directory).
+
+    Returns the model in eval mode with ``model.meta`` holding its ``config.json``; it predicts in
+    physical units with ``model.predict(batch)`` (batch from :func:`pipeline.graphs.collate`).
+
+    Raises:
+        MolmatError: not a property-model directory, or weights that do not fit it.
+    """
+    return load_model_dir(path, [PROPERTY_MODEL], device)

@@ -9,12 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import MolmatError
-from pipeline.shards import ShardDataset, load_manifest
-from pipeline.splits import load_split
-from pipeline.training import make_loader
-from finetune.io import check_compatible, load_model
-from finetune.train import _Columns, predict_loader, regression_metrics
+from finetune.metrics import target_metrics
+from finetune.modeldata import open_model_on_split, predict_loader
 
 
 def parity_plot(pred: np.ndarray, y: np.ndarray, name: str, unit: str, path: Path, log: bool = False,
@@ -50,37 +46,17 @@ def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | 
     also in log10), ``predictions.csv`` and ``parity_<target>.png`` into ``out``
     (default ``RUN/eval_<split>``). Returns the metrics dict.
     """
-    device = torch.device(device)
-    model = load_model(run).to(device)
-    manifest = load_manifest(data)
-    check_compatible(model.meta["featurization"], manifest, str(data))
-    names = [t["name"] for t in manifest["targets"]]
-    missing = [t.name for t in model.targets if t.name not in names]
-    if missing:
-        raise MolmatError(f"{data} has no labels for {', '.join(missing)}; it holds {', '.join(names)}")
-    if split == "all":
-        indices = None
-    else:
-        parts = load_split(data)
-        if split not in ("train", "val", "test"):
-            raise MolmatError(f"--split must be train, val, test or all, not {split!r}")
-        indices = parts[split]
-    ds = _Columns(ShardDataset(data, indices), [names.index(t.name) for t in model.targets])
-    if len(ds) == 0:
-        raise MolmatError(f"{data}: the {split} split is empty")
-    res = predict_loader(model, make_loader(ds, batch_size), device)
+    scored = open_model_on_split(run, data, split, device)
+    model = scored.model
+    res = predict_loader(model, scored.loader(batch_size), scored.device)
     out = Path(out) if out else Path(run) / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {"data": str(data), "split": split, "records": len(ds), "targets": {}}
+    metrics: dict[str, Any] = {"data": str(data), "split": split, "records": len(scored.dataset),
+                               "targets": target_metrics(res, model.targets)}
     for j, spec in enumerate(model.targets):
         m = res["mask"][:, j]
-        entry = {"unit": spec.unit, **regression_metrics(res["pred"][m, j], res["y"][m, j])}
-        if spec.transform == "log10":
-            pos = m & (res["y"][:, j] > 0)
-            entry["log10"] = regression_metrics(np.log10(res["pred"][pos, j]), np.log10(res["y"][pos, j]))
-        metrics["targets"][spec.name] = entry
         parity_plot(res["pred"][m, j], res["y"][m, j], spec.name, spec.unit, out / f"parity_{spec.name}.png",
-                    log=spec.transform == "log10", metrics=entry)
+                    log=spec.transform == "log10", metrics=metrics["targets"][spec.name])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     with open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)

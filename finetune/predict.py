@@ -8,52 +8,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from pipeline import MolmatError
-from pipeline.config import PreprocessConfig
-from pipeline.featurize import RecordError, featurize
+from pipeline.checkpoint import PROPERTY_MODEL, load_model_dir
 from pipeline.graphs import collate
-from pipeline.readers import open_source
-from finetune.io import load_model
-
-
-def featurized_inputs(inputs: list[str], preprocess: dict[str, Any], fmt: str = "auto") -> Iterator[dict[str, Any]]:
-    """Featurise raw inputs; yields records, or ``{"_id", "_source", "_error"}`` for failures."""
-    cfg = PreprocessConfig.model_validate({k: v for k, v in preprocess.items() if k in PreprocessConfig.model_fields})
-    for path in inputs:
-        try:
-            reader = open_source(path, fmt)
-            records = reader.records()
-            for raw in records:
-                try:
-                    yield featurize(raw, [], cfg)
-                except RecordError as exc:
-                    yield {"_id": raw.rid, "_source": raw.source, "_error": str(exc)}
-        except (MolmatError, OSError, ValueError) as exc:
-            yield {"_id": Path(path).stem, "_source": str(path), "_error": str(exc)}
-
-
-def domain_check(rec: dict[str, Any], meta: dict[str, Any]) -> tuple[str, str]:
-    """(error, warning) for a featurised record against what a model was trained on.
-
-    A molecule given to a crystal model (or the reverse) is an error: the prediction would be
-    meaningless. Elements the model never saw in training give a prediction with a warning.
-    """
-    kinds = meta.get("kinds")
-    kind = str(rec.get("_kind", ""))
-    if kinds and kind and kind not in kinds:
-        return f"model was trained on {' and '.join(k + 's' for k in kinds)}, this input is a {kind}", ""
-    seen = meta.get("elements")
-    if seen:
-        from pipeline.featurize import symbol_of
-
-        unseen = sorted({symbol_of(int(z)) for z in rec["z"]} - set(seen))
-        if unseen:
-            return "", f"element(s) {', '.join(unseen)} not in the training data; the prediction is an extrapolation"
-    return "", ""
+from pipeline.inputs import domain_check, featurized_inputs
 
 
 def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "auto", batch_size: int = 64,
@@ -64,7 +26,7 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
     prediction) and ``warning`` (a prediction outside the training domain, e.g. a new element).
     """
     device = torch.device(device)
-    model = load_model(run).to(device)
+    model = load_model_dir(run, [PROPERTY_MODEL], device)
     names = [t.name for t in model.targets]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

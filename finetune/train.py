@@ -1,111 +1,86 @@
-"""``molmat finetune``: train property heads (and the encoder) on a shard directory."""
+"""``molmat finetune``: train property heads (and the encoders) on a shard directory."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import MolmatError
+from pipeline.checkpoint import PROPERTY_MODEL, load_pretrained_encoders, pretrained_model_config, save_model_dir
 from pipeline.config import Config, write_resolved
-from pipeline.graphs import GraphBatch
-from pipeline.shards import ShardDataset, load_manifest
 from pipeline.distributed import gather_objects
+from pipeline.featurize import neighbour_cutoff
+from pipeline.graphs import GraphBatch, collate
+from pipeline.loader import make_loader
+from pipeline.models import check_encoder_cutoff
+from pipeline.models.property import PropertyModel, target_specs
+from pipeline.shards import ShardDataset, dataset_has_coordinates, dataset_kinds, load_manifest
 from pipeline.splits import load_split
-from pipeline.training import Trainer, TrainResult, make_loader, pick_device, seed_everything
-from finetune.io import check_compatible, save_model
-from finetune.model import PropertyModel, target_specs
+from pipeline.training import Callback, Trainer, TrainResult, pick_device, seed_everything
+from finetune.losses import task_losses, weighted_total
+from finetune.metrics import validation_metrics
+from finetune.modeldata import TargetColumns, predict_loader, target_columns
 
 log = logging.getLogger("molmat.finetune")
 
 
-def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
-                kind: str = "mse") -> torch.Tensor:
-    """Weighted mean over targets of the per-target mean loss over labelled entries.
+class PropertyTask:
+    """The fine-tuning :class:`pipeline.training.Task`: per-target losses, validation MAE, ``best/``.
 
     Args:
-        pred, target: (B, T) normalised values. mask: (B, T) bool, True where labelled.
-        weight: (T,) loss weight per target. kind: ``mse``, ``l1`` or ``huber``.
-    Targets without any label in the batch contribute nothing.
+        model: the property model being trained (the plain module; its normalisation is used).
+        loss_kind: ``mse``, ``l1`` or ``huber``.
+        device: where validation runs.
+        best_dir: where :meth:`save_best` writes the model directory.
+        meta: the rest of the model directory's ``config.json``.
     """
-    diff = pred - target
-    if kind == "mse":
-        per = diff ** 2
-    elif kind == "l1":
-        per = diff.abs()
-    else:
-        per = torch.nn.functional.huber_loss(pred, target, reduction="none", delta=1.0)
-    per = torch.where(mask, per, torch.zeros_like(per))
-    count = mask.sum(0)
-    per_target = per.sum(0) / count.clamp_min(1)
-    w = weight * (count > 0)
-    return (per_target * w).sum() / w.sum().clamp_min(1e-12)
 
+    monitor = "val_mae_scaled"
 
-@torch.no_grad()
-def predict_loader(model: PropertyModel, loader: DataLoader, device: torch.device) -> dict[str, Any]:
-    """Physical-unit predictions, labels and mask over a loader: arrays (n, T) plus ids."""
-    model.eval()
-    preds, ys, masks, ids, index = [], [], [], [], []
-    for batch in loader:
-        batch = batch.to(device)
-        preds.append(model.predict(batch).cpu().numpy())
-        ys.append(batch.y.double().cpu().numpy())
-        masks.append(batch.mask.cpu().numpy())
-        ids += batch.ids
-        index += batch.index
-    t = len(model.targets)
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0, t))  # noqa: E731
-    return {"pred": cat(preds), "y": cat(ys), "mask": cat(masks).astype(bool), "ids": ids, "index": index}
+    def __init__(self, model: PropertyModel, loss_kind: str, device: torch.device, best_dir: Path,
+                 meta: dict[str, Any]) -> None:
+        self.model, self.loss_kind, self.device, self.best_dir, self.meta = model, loss_kind, device, best_dir, meta
 
+    def collate(self, records: list[dict[str, Any]]) -> GraphBatch:
+        """Records -> :class:`GraphBatch`."""
+        return collate(records)
 
-def regression_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """MAE, RMSE, R^2 and count of paired values."""
-    if len(y) == 0:
-        return {"mae": float("nan"), "rmse": float("nan"), "r2": float("nan"), "count": 0}
-    err = pred - y
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
-            "r2": float(1 - (err ** 2).sum() / ss_tot) if ss_tot > 0 else float("nan"), "count": int(len(y))}
+    def loss(self, model: nn.Module, batch: GraphBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted mean of the per-target losses; the parts are ``loss_<target>`` (NaN when unlabelled)."""
+        target, mask = self.model.normalize(batch.y, batch.mask, batch)
+        losses, count = task_losses(model(batch), target, mask, self.loss_kind)
+        total = weighted_total(losses, count, self.model.loss_weight)
+        values = losses.detach().tolist()
+        parts = {f"loss_{s.name}": (v if c > 0 else math.nan) for s, v, c in zip(self.model.targets, values, count.tolist())}
+        return total, parts
 
-
-def make_eval_fn(device: torch.device) -> Any:
-    """Validation: per-target MAE in physical units and their mean scaled by each target's std."""
-    def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-        inner = model.module if hasattr(model, "module") else model
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Per-target validation MAE in physical units and their spread-scaled mean."""
         # each rank predicts its share of the validation batches; all ranks score the union
-        parts = gather_objects(predict_loader(inner, loader, device))
-        out = {k: np.concatenate([p[k] for p in parts]) for k in ("pred", "y", "mask")}
-        metrics: dict[str, float] = {}
-        scaled = []
-        for j, spec in enumerate(inner.targets):
-            m = out["mask"][:, j]
-            if spec.transform == "log10":
-                m = m & (out["y"][:, j] > 0)
-                mae = float(np.abs(np.log10(out["pred"][m, j]) - np.log10(out["y"][m, j])).mean()) if m.any() else float("nan")
-                metrics[f"val_mae_log10_{spec.name}"] = mae
-                scale = float(inner.std[j])
-            else:
-                mae = float(np.abs(out["pred"][m, j] - out["y"][m, j]).mean()) if m.any() else float("nan")
-                metrics[f"val_mae_{spec.name}"] = mae
-                scale = float(np.std(out["y"][m, j])) if m.sum() > 1 else 1.0
-            if np.isfinite(mae):
-                scaled.append(mae / max(scale, 1e-12))
-        metrics["val_mae_scaled"] = float(np.mean(scaled)) if scaled else float("inf")
-        return metrics
-    return evaluate
+        parts = gather_objects(predict_loader(model, loader, self.device))
+        res = {k: np.concatenate([p[k] for p in parts]) for k in ("pred", "y", "mask")}
+        return validation_metrics(res, model.targets, model.std.cpu().numpy())
+
+    def save_best(self, model: nn.Module) -> None:
+        """Write ``RUN/best/``."""
+        save_model_dir(self.best_dir, model, PROPERTY_MODEL, self.meta)
 
 
 def finetune(data: str | Path, out: str | Path, config: Config, init: str | None = None,
-             rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> TrainResult:
+             rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+             callbacks: tuple[Callback, ...] = ()) -> TrainResult:
     """Fine-tune a property model on the train split of a shard directory.
 
     Writes ``RUN/best/`` (deployable model), ``RUN/last.pt`` (resume state), ``RUN/metrics.csv``,
-    ``RUN/config.resolved.yaml`` and ``RUN/result.json``. Re-running the same command resumes.
+    ``RUN/timing.json``, ``RUN/config.resolved.yaml`` and ``RUN/result.json``. Re-running the
+    same command resumes.
     """
     out = Path(out)
     fcfg, tcfg = config.finetune, config.train
@@ -117,92 +92,56 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         raise MolmatError(f"{data}/split.json has an empty val split; fine-tuning needs one. Re-run preprocess "
                           "with --set split.val=0.1 (the shards are kept, only split.json is rewritten)")
     specs = target_specs(manifest["targets"], fcfg.targets, fcfg.log10_targets, fcfg.extensive_targets, fcfg.loss_weights)
+    kinds = dataset_kinds(manifest)
     init = init or fcfg.init
+    model_cfg, slots = config.model, []
     if init:
         # A pretrained encoder brings its architecture: the fine-tuning model must match it.
-        from pretrain import read_encoder_config
-
-        enc_model = read_encoder_config(init)["model"]
+        model_cfg, slots = pretrained_model_config(config.model, init)
         config = config.model_copy(deep=True)
-        config.model.mpnn = type(config.model.mpnn).model_validate(enc_model["mpnn"])
-        config.model.schnet = type(config.model.schnet).model_validate(enc_model["schnet"])
+        config.model = model_cfg
         if rank == 0:
-            log.info("fine-tuning from %s: encoder architecture taken from it", init)
+            log.info("fine-tuning from %s: architecture of %s taken from it", init, ", ".join(slots))
+    if model_cfg.encoder3d is not None:
+        if dataset_has_coordinates(manifest) != "all":
+            raise MolmatError(f"{data}: model.encoder3d ({model_cfg.encoder3d.name}) needs 3D coordinates, but not every "
+                              "record has them (SMILES preprocessed with preprocess.molecule.embed_smiles=false?)")
+        check_encoder_cutoff(model_cfg.encoder3d, neighbour_cutoff(manifest["featurization"], kinds), str(data))
     seed_everything(tcfg.seed)
     device = device or pick_device(tcfg.device)
     train_idx = split["train"]
     if fcfg.max_train is not None and fcfg.max_train < len(train_idx):
         pick = np.random.default_rng(split["seed"]).permutation(len(train_idx))[: fcfg.max_train]
         train_idx = sorted(train_idx[i] for i in pick)
-    train_set = ShardDataset(data, train_idx)
-    val_set = ShardDataset(data, split["val"])
-    if len(train_set) == 0:
+    if not train_idx:
         raise MolmatError(f"{data}: the train split is empty")
     # Targets are selected by column; the model sees only its own targets.
-    columns = [[t["name"] for t in manifest["targets"]].index(s.name) for s in specs]
-    train_set = _Columns(train_set, columns)
-    val_set = _Columns(val_set, columns)
-    model = PropertyModel(config.model.encoder, config.model.mpnn, config.model.schnet, specs,
-                          fcfg.head_hidden, fcfg.head_layers, fcfg.dropout)
-    if model.encoder3d is not None:
-        feat = manifest["featurization"]
-        # Molecule and crystal graphs can sit in one directory: the smaller cutoff binds.
-        model.encoder3d.check_cutoff(min(feat["molecule_cutoff"], feat["crystal_cutoff"]) if _has_molecules(manifest)
-                                     else feat["crystal_cutoff"], str(data))
+    columns = target_columns(manifest, specs, str(data))
+    train_set = TargetColumns(ShardDataset(data, train_idx), columns)
+    val_set = TargetColumns(ShardDataset(data, split["val"]), columns)
+    model = PropertyModel(model_cfg, specs)
     if init:
-        from pretrain import load_encoder_into
-
-        loaded = load_encoder_into(model, init, manifest)
+        load_pretrained_encoders(model, init, slots, manifest["featurization"], kinds)
         if rank == 0:
-            log.info("initialised %s from %s", ", ".join(loaded), init)
-    model.fit_normalization(make_loader(train_set, 256, None, tcfg.num_workers))
+            log.info("initialised %s from %s", ", ".join(slots), init)
+    model.fit_normalization(make_loader(train_set, 256, None, tcfg.num_workers, collate_fn=collate))
     model.to(device)
     groups = _param_groups(model, fcfg.freeze_encoder, fcfg.encoder_lr, tcfg.lr)
-    meta = {"model": config.model.model_dump(mode="json"), "finetune": fcfg.model_dump(mode="json"),
-            "featurization": manifest["featurization"], "preprocess": manifest["preprocess"],
+    meta = {"model": model_cfg.model_dump(mode="json"), "targets": model.describe(),
+            "finetune": fcfg.model_dump(mode="json"), "featurization": manifest["featurization"],
+            "preprocess": manifest["preprocess"],
             "elements": sorted(json.loads((Path(data) / "stats.json").read_text())["elements"]),
             "trained_on": str(Path(data).resolve()), "split": {k: split[k] for k in ("method", "seed")},
-            "init": str(init) if init else None,
-            "kinds": sorted({"molecule" if i["format"] in MOLECULE_FORMATS else "crystal" for i in manifest["inputs"]})}
+            "init": str(init) if init else None, "kinds": kinds}
     if rank == 0:
         write_resolved(config, out)
-
-    def loss_fn(m: torch.nn.Module, batch: GraphBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        inner = m.module if hasattr(m, "module") else m
-        target, mask = inner.normalize(batch.y, batch.mask, batch)
-        return masked_loss(m(batch), target, mask, inner.loss_weight, fcfg.loss), {}
-
-    trainer = Trainer(model, loss_fn, make_eval_fn(device), "val_mae_scaled",
-                      lambda: save_model(trainer.model, out / "best", meta), train_set, val_set, tcfg, out,
-                      param_groups=groups, rank=rank, world_size=world_size, device=device)
+    task = PropertyTask(model, fcfg.loss, device, out / "best", meta)
+    trainer = Trainer(model, task, train_set, val_set, tcfg, out, param_groups=groups, rank=rank,
+                      world_size=world_size, device=device, callbacks=callbacks)
     result = trainer.fit()
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result.__dict__, indent=1))
     return result
-
-
-#: Input formats that hold molecules; the others hold crystals.
-MOLECULE_FORMATS = ("qm9_xyz", "sdf", "smiles_csv")
-
-
-def _has_molecules(manifest: dict[str, Any]) -> bool:
-    """Whether a dataset's inputs include molecule formats."""
-    return any(i["format"] in MOLECULE_FORMATS for i in manifest["inputs"])
-
-
-class _Columns:
-    """A dataset view that keeps only some target columns of ``y``."""
-
-    def __init__(self, base: ShardDataset, columns: list[int]) -> None:
-        self.base, self.columns = base, np.asarray(columns, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        rec = self.base[i]
-        rec["y"] = rec["y"][self.columns]
-        return rec
 
 
 def _param_groups(model: PropertyModel, freeze: bool, encoder_lr: float | None, lr: float) -> list[dict[str, Any]]:

@@ -7,13 +7,16 @@ train.lr=3e-4``, ``--set finetune.targets=[gap_Ha,homo_Ha]``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import MolmatError
+
+log = logging.getLogger("molmat.config")
 
 
 class _Section(BaseModel):
@@ -122,10 +125,26 @@ class TrainConfig(_Section):
 
 # Encoder hyper-parameters are defined here rather than beside the models so that config.yaml is
 # validated as a whole (unknown encoder keys included) without importing torch and dgl, which
-# would cost every preprocessing run and worker 2 s and 450 MiB.
-class MPNNConfig(_Section):
+# would cost every preprocessing run and worker 2 s and 450 MiB. Adding an encoder: its config
+# class here (with a `name` literal and its `view`), one entry in `EncoderConfig` below, its
+# module and one entry in `pipeline.models.ENCODERS`, and its defaults in config.yaml.
+class _EncoderSection(_Section):
+    """Base of every encoder config: ``name`` picks the encoder, ``view`` is the graph it reads.
+
+    ``view`` is ``"2d"`` (``GraphBatch.g2d``: bonds, or a crystal's neighbour topology without
+    distances) or ``"3d"`` (``GraphBatch.g3d``: positions, cell and image offsets); it decides
+    which slot (``model.encoder2d`` or ``model.encoder3d``) the encoder may fill and which
+    featurisation settings a model that uses it depends on.
+    """
+
+    view: ClassVar[str] = "2d"
+
+
+class MPNNConfig(_EncoderSection):
     """Hyper-parameters of :class:`MPNN` (unknown keys are rejected)."""
 
+    view: ClassVar[str] = "2d"
+    name: Literal["mpnn"] = "mpnn"
     hidden: int = Field(64, ge=1, description="node state width d")
     steps: int = Field(3, ge=1, description="message-passing steps T (weights shared across steps)")
     message: Literal["edge_network", "pair", "ggnn"] = "edge_network"
@@ -145,9 +164,11 @@ class MPNNConfig(_Section):
         return self
 
 
-class SchNetConfig(_Section):
+class SchNetConfig(_EncoderSection):
     """Hyper-parameters of :class:`SchNet` (unknown keys are rejected)."""
 
+    view: ClassVar[str] = "3d"
+    name: Literal["schnet"] = "schnet"
     hidden: int = Field(64, ge=1, description="atom state and filter width")
     interactions: int = Field(3, ge=1, description="number of interaction blocks")
     n_rbf: int = Field(50, ge=2, description="Gaussians in the distance expansion")
@@ -155,12 +176,58 @@ class SchNetConfig(_Section):
     readout: Literal["mean", "sum"] = "mean"
 
 
-class ModelConfig(_Section):
-    """Which encoder a model uses, and each encoder's architecture."""
+#: Any encoder's config, told apart by ``name`` (a discriminated union: plain imports, no registry).
+EncoderConfig = Annotated[Union[MPNNConfig, SchNetConfig], Field(discriminator="name")]
 
-    encoder: Literal["mpnn", "schnet", "both"] = Field("mpnn", description="2D MPNN, 3D SchNet, or both concatenated")
-    mpnn: MPNNConfig = Field(default_factory=MPNNConfig)
-    schnet: SchNetConfig = Field(default_factory=SchNetConfig)
+
+class HeadsConfig(_Section):
+    """Shape of the per-target MLP heads on the pooled embedding."""
+
+    hidden: int = Field(128, ge=1, description="hidden width of each head")
+    layers: int = Field(2, ge=1, description="linear layers per head")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout between head layers")
+
+
+#: The encoder a slot gets when a config fills it without naming one.
+_SLOT_DEFAULTS = {"encoder2d": "mpnn", "encoder3d": "schnet"}
+
+
+class ModelConfig(_Section):
+    """The property model: a 2D encoder slot, a 3D encoder slot (either may be null), and heads.
+
+    With both slots filled the two graph embeddings are concatenated before the heads.
+    """
+
+    encoder2d: Optional[EncoderConfig] = Field(default_factory=MPNNConfig,
+                                               description="encoder of the 2D graph, or null")
+    encoder3d: Optional[EncoderConfig] = Field(None, description="encoder of the 3D graph, or null")
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_names(cls, data: Any) -> Any:
+        # `--set model.encoder3d.cutoff=6` on an empty slot names no encoder; each slot has a default.
+        if isinstance(data, dict):
+            data = dict(data)
+            for slot, name in _SLOT_DEFAULTS.items():
+                if isinstance(data.get(slot), dict) and "name" not in data[slot]:
+                    data[slot] = {**data[slot], "name": name}
+        return data
+
+    @model_validator(mode="after")
+    def _slots_fit(self) -> "ModelConfig":
+        if self.encoder2d is None and self.encoder3d is None:
+            raise ValueError("model.encoder2d and model.encoder3d are both null; a model needs at least one encoder")
+        for slot, view in (("encoder2d", "2d"), ("encoder3d", "3d")):
+            enc = getattr(self, slot)
+            if enc is not None and enc.view != view:
+                raise ValueError(f"model.{slot} needs an encoder of the {view} graph; '{enc.name}' reads the "
+                                 f"{enc.view} graph (put it in model.encoder{enc.view})")
+        return self
+
+    def slots(self) -> dict[str, _EncoderSection]:
+        """The filled slots, ``{"encoder2d": cfg, "encoder3d": cfg}`` minus the null ones."""
+        return {s: c for s, c in (("encoder2d", self.encoder2d), ("encoder3d", self.encoder3d)) if c is not None}
 
 
 class FinetuneConfig(_Section):
@@ -172,9 +239,6 @@ class FinetuneConfig(_Section):
         None, description="learned per atom with fitted element references; default: QM9 U0/U/H/G")
     loss_weights: dict[str, float] = Field(default_factory=dict)
     loss: Literal["mse", "l1", "huber"] = "mse"
-    head_hidden: int = Field(128, ge=1)
-    head_layers: int = Field(2, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
     max_train: int | None = Field(None, ge=1, description="use a seeded subset of this many training records "
                                                           "(label-scarce experiments); val and test are unchanged")
     init: str | None = Field(None, description="pretrained encoder directory (molmat pretrain)")
@@ -189,6 +253,15 @@ class PretrainConfig(_Section):
     proj_dim: int = Field(64, ge=1, description="projection head output width")
     proj_hidden: int = Field(128, ge=1)
     use_conformers: bool = Field(True, description="stored extra conformers are extra positive 3D views")
+    encoder3d: EncoderConfig = Field(default_factory=SchNetConfig,
+                                     description="the 3D encoder that model.encoder2d is aligned with")
+
+    @model_validator(mode="after")
+    def _partner_is_3d(self) -> "PretrainConfig":
+        if self.encoder3d.view != "3d":
+            raise ValueError(f"pretrain.encoder3d must read the 3D graph; '{self.encoder3d.name}' reads the "
+                             f"{self.encoder3d.view} graph")
+        return self
 
 
 class Config(_Section):
@@ -222,7 +295,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``a.b=value`` override applied."""
+    """Return a copy of ``data`` with each ``a.b=value`` override applied.
+
+    Setting an encoder's ``name`` to another encoder starts that section from the new encoder's
+    defaults (the old encoder's settings would be unknown keys).
+    """
     data = json.loads(json.dumps(data))  # deep copy of plain data
     for item in overrides:
         path, value = _parse_override(item)
@@ -234,12 +311,112 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise MolmatError(f"--set {item!r}: '{part}' is not a section")
             node = child
+        if path[-1] == "name" and node.get("name") not in (None, value):
+            # `--set model.encoder3d.name=other` switches encoders: the old one's settings do not apply
+            node.clear()
         node[path[-1]] = value
     return data
 
 
+_LEGACY_HEAD_KEYS = {"head_hidden": "hidden", "head_layers": "layers", "dropout": "dropout"}
+_LEGACY_KINDS = {"mpnn": (True, False), "schnet": (False, True), "both": (True, True)}
+
+
+def _merge_encoder(current: Any, name: str, old: dict[str, Any]) -> dict[str, Any]:
+    """``old`` settings on top of the slot's current config when it holds the same encoder."""
+    base = dict(current) if isinstance(current, dict) and current.get("name", name) == name else {}
+    return {**base, **old, "name": name}
+
+
+def upgrade_model_section(model: dict[str, Any], finetune: dict[str, Any] | None = None,
+                          pretrain: dict[str, Any] | None = None) -> list[str]:
+    """Translate the model layout of molmat <= 0.1 in place; returns what was translated.
+
+    Before encoder slots a config said ``model.encoder: mpnn|schnet|both`` with the settings of
+    both encoders in ``model.mpnn`` and ``model.schnet`` (the SchNet settings also configured
+    pretraining's 3D encoder), and the heads in ``finetune.head_hidden/head_layers/dropout``.
+    Users' config files, ``--set`` overrides in job scripts and saved model directories carry
+    that layout, so it is translated, not refused:
+
+    * ``model.encoder`` fills or empties the slots (``both`` fills both);
+    * ``model.mpnn.*`` goes to ``model.encoder2d`` (an MPNN), ``model.schnet.*`` to
+      ``model.encoder3d`` when that slot is in use, and always to ``pretrain.encoder3d``;
+    * ``finetune.head_*`` and ``finetune.dropout`` go to ``model.heads``.
+
+    Args:
+        model: the ``model`` section as plain data (changed in place).
+        finetune, pretrain: the ``finetune`` and ``pretrain`` sections, if any (changed in place).
+    Returns:
+        One line per translated key, empty when the layout is already current.
+    Raises:
+        MolmatError: an old key with a value that cannot be translated.
+    """
+    notes: list[str] = []
+    if any(k in model for k in ("encoder", "mpnn", "schnet")):
+        kind = model.pop("encoder", None)
+        old = {}
+        for name in ("mpnn", "schnet"):
+            value = model.pop(name, None) or {}
+            if not isinstance(value, dict):
+                raise MolmatError(f"model.{name} must be a mapping of {name} settings, not {value!r}")
+            old[name] = {k: v for k, v in value.items() if k != "name"}
+        if kind is not None and kind not in _LEGACY_KINDS:
+            raise MolmatError(f"model.encoder (deprecated) must be mpnn, schnet or both, not {kind!r}")
+        if kind is None:
+            use2d = model.get("encoder2d", "default") is not None
+            use3d = model.get("encoder3d") is not None
+        else:
+            use2d, use3d = _LEGACY_KINDS[kind]
+            notes.append(f"model.encoder={kind} -> model.encoder2d: {'mpnn' if use2d else 'null'}, "
+                         f"model.encoder3d: {'schnet' if use3d else 'null'}")
+        for slot, name, use in (("encoder2d", "mpnn", use2d), ("encoder3d", "schnet", use3d)):
+            if not use:
+                model[slot] = None
+            elif kind is not None or old[name]:
+                current = model.get(slot) if slot in model else ({"name": "mpnn"} if slot == "encoder2d" else None)
+                model[slot] = _merge_encoder(current, name, old[name])
+        if old["mpnn"]:
+            notes.append(f"model.mpnn.{{{','.join(old['mpnn'])}}} -> model.encoder2d")
+        if old["schnet"]:
+            if pretrain is not None:
+                pretrain["encoder3d"] = _merge_encoder(pretrain.get("encoder3d"), "schnet", old["schnet"])
+            notes.append(f"model.schnet.{{{','.join(old['schnet'])}}} -> pretrain.encoder3d"
+                         + (" and model.encoder3d" if use3d else ""))
+    if finetune is not None and any(k in finetune for k in _LEGACY_HEAD_KEYS):
+        heads = model.setdefault("heads", {})
+        for old_key, new_key in _LEGACY_HEAD_KEYS.items():
+            if old_key in finetune:
+                heads[new_key] = finetune.pop(old_key)
+                notes.append(f"finetune.{old_key} -> model.heads.{new_key}")
+    return notes
+
+
+def upgrade_legacy(data: dict[str, Any], origin: str = "config") -> dict[str, Any]:
+    """A copy of a whole config's plain data with the molmat <= 0.1 layout translated.
+
+    Logs one deprecation line naming each translated key (see :func:`upgrade_model_section`).
+    """
+    data = json.loads(json.dumps(data or {}))
+    model = data.get("model")
+    has_old_heads = isinstance(data.get("finetune"), dict) and any(k in data["finetune"] for k in _LEGACY_HEAD_KEYS)
+    if not isinstance(model, dict) and not has_old_heads:
+        return data
+    if not isinstance(model, dict):
+        model = data["model"] = {}
+    pretrain = data.setdefault("pretrain", {}) if isinstance(data.get("pretrain", {}), dict) else None
+    finetune = data.get("finetune") if isinstance(data.get("finetune"), dict) else None
+    notes = upgrade_model_section(model, finetune, pretrain)
+    if pretrain == {}:
+        data.pop("pretrain")
+    if notes:
+        log.warning("%s uses deprecated config keys, translated: %s. Update it to the model.encoder2d / "
+                    "model.encoder3d / model.heads layout (see config.yaml).", origin, "; ".join(notes))
+    return data
+
+
 def config_from_dict(data: dict[str, Any], origin: str = "config") -> Config:
-    """Validate plain data into a :class:`Config`, raising MolmatError naming bad keys."""
+    """Validate plain data into a :class:`Config` (old layouts translated), raising MolmatError naming bad keys."""
+    data = upgrade_legacy(data, origin)
     try:
         return Config.model_validate(data or {})
     except ValidationError as exc:
@@ -269,7 +446,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     elif path:
         raise MolmatError(f"config file {cfg_path} does not exist")
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, origin=str(cfg_path))
+    return config_from_dict(data, origin=str(cfg_path) + (" with --set overrides" if overrides else ""))
 
 
 def write_resolved(config: Config, out_dir: str | Path, name: str = "config.resolved.yaml") -> Path:

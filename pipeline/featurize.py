@@ -2,24 +2,34 @@
 
 Molecules get an RDKit bond graph with Gilmer-style atom and bond features, 3D coordinates in
 the *same atom order* as the graph, a 3D neighbour graph within a cutoff, optional extra ETKDG
-conformers, canonical SMILES and Bemis-Murcko scaffold. Crystals get a pymatgen periodic
-neighbour list (cutoff, nearest ``max_neighbors``) with integer image offsets, so that every
-distance can be recomputed exactly as ``|pos[src] + image @ cell - pos[dst]|``.
+conformers, canonical SMILES and Bemis-Murcko scaffold. Crystals (parsed by pymatgen) get a
+periodic neighbour list (cutoff, nearest ``max_neighbors``) with integer image offsets, so that
+every distance can be recomputed exactly as ``|pos[src] + image @ cell - pos[dst]|``. Both
+neighbour graphs come from :mod:`pipeline.neighbours`; the keys and dtypes of a record are
+those of :data:`pipeline.records.SCHEMA`.
 
 Features are stored as small integer columns (see :data:`ATOM_COLUMNS`, :data:`BOND_COLUMNS`);
 :mod:`pipeline.graphs` expands them to one-hot vectors. Anything wrong with one record raises
 :class:`RecordError`, which the preprocessing driver turns into a line of ``rejects.jsonl``.
+
+:func:`featurization_spec` says what a model must agree with to read shards, and
+:data:`KEY_RELEVANCE` with :func:`featurization_differences` which of it matters for a given
+model (2D or 3D views, molecules or crystals); :func:`neighbour_cutoff` is the one rule for the
+cutoff a 3D encoder may use on a dataset.
 """
 from __future__ import annotations
 
 import math
 import re
 import warnings
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
+from pipeline import neighbours
+from pipeline import records as R
 from pipeline.config import PreprocessConfig
+from pipeline.elements import element_symbol
 from pipeline.readers import QM9_PROPERTIES, RawRecord
 
 #: Version of the featurisation below; models refuse shards made with another one.
@@ -96,8 +106,8 @@ def _rdkit() -> dict[str, Any]:
 
 
 def symbol_of(z: int) -> str:
-    """Element symbol of an atomic number (RDKit's periodic table)."""
-    return _rdkit()["ptable"].GetElementSymbol(int(z))
+    """Element symbol of an atomic number 1..118 (see :func:`pipeline.elements.element_symbol`)."""
+    return element_symbol(z)
 
 
 def _check_elements(z: np.ndarray, symbols: list[str] | None = None) -> None:
@@ -225,24 +235,27 @@ def _molecule_arrays(mol: Any, pos: np.ndarray | None, cfg: PreprocessConfig) ->
         scaffold = rd["Murcko"].MurckoScaffoldSmiles(mol=heavy)
     except Exception:  # scaffolds of odd valence states; the molecule itself is fine
         smiles, scaffold = Chem.MolToSmiles(mol), ""
-    out: dict[str, Any] = {"z": z.astype(np.uint8), "atom_feat": feat, "bond_index": bond_index,
-                           "bond_feat": bond_feat, "_smiles": smiles, "_scaffold": scaffold}
+    # key order is the on-disk order: keep it, records are compared byte for byte
+    out: dict[str, Any] = {R.Z: z.astype(np.uint8), R.ATOM_FEAT: feat, R.BOND_INDEX: bond_index,
+                           R.BOND_FEAT: bond_feat, R.SMILES: smiles, R.SCAFFOLD: scaffold}
     if pos is not None:
-        out["pos"] = pos.astype(np.float64)
+        if not np.all(np.isfinite(pos)):
+            raise RecordError("coordinates contain NaN or infinity")
+        out[R.POS] = pos.astype(np.float64)
         src, dst = molecule_neighbours(pos, cfg.molecule.cutoff)
-        out["nbr_index"] = np.stack([src, dst]).astype(np.int32)
-        out["nbr_image"] = np.zeros((src.size, 3), dtype=np.int8)
+        out[R.NBR_INDEX] = np.stack([src, dst]).astype(np.int32)
+        out[R.NBR_IMAGE] = np.zeros((src.size, 3), dtype=np.int8)
     if cfg.molecule.conformers > 0:
-        out["conformers"] = _extra_conformers(mol, cfg.molecule.conformers, cfg.molecule.seed)
+        out[R.CONFORMERS] = _extra_conformers(mol, cfg.molecule.conformers, cfg.molecule.seed)
     return out
 
 
 def molecule_neighbours(pos: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
-    """Directed pairs (src, dst), src != dst, closer than ``cutoff``; sorted by (dst, src)."""
-    d = np.linalg.norm(pos[:, None, :] - pos[None, :, :], axis=-1)
-    np.fill_diagonal(d, np.inf)
-    dst, src = np.nonzero(d < cutoff)
-    return src, dst
+    """Directed pairs (src, dst), src != dst, closer than ``cutoff``; sorted by (dst, src).
+
+    Kept for importers; the search is :func:`pipeline.neighbours.molecule_neighbours`.
+    """
+    return neighbours.molecule_neighbours(pos, cutoff)
 
 
 def _extra_conformers(mol: Any, count: int, seed: int) -> np.ndarray:
@@ -333,36 +346,17 @@ def _structure(raw: RawRecord) -> Any:
     raise RecordError(f"unsupported crystal payload '{raw.fmt}'")
 
 
-def periodic_neighbours(cart: np.ndarray, cell: np.ndarray, structure: Any, cutoff: float,
-                        max_neighbors: int, tie_tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest ``max_neighbors`` periodic neighbours within ``cutoff`` for every atom.
+def periodic_neighbours(cart: np.ndarray, cell: np.ndarray, cutoff: float, max_neighbors: int,
+                        tie_tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest ``max_neighbors`` periodic neighbours within ``cutoff`` for every atom, from arrays.
 
-    Args:
-        tie_tolerance: also keep every neighbour within this distance (Angstrom) of the
-            ``max_neighbors``-th one. A coordination shell cut in the middle keeps an arbitrary
-            part of it, and which part depends on the choice of cell; completing the shell makes
-            the graph the same for every cell of the same crystal. 0 cuts strictly.
+    Kept for importers; see :func:`pipeline.neighbours.crystal_neighbours` for the arguments.
+
     Returns:
         src (E,), dst (E,) atom indices and image (E, 3) integer offsets such that the edge
-        vector is ``cart[src] + image @ cell - cart[dst]``. Ties are broken by distance rounded
-        to 1e-8 A, then neighbour index, then image, so the result is deterministic.
+        vector is ``cart[src] + image @ cell - cart[dst]``.
     """
-    center, point, images, dist = structure.get_neighbor_list(r=cutoff, numerical_tol=1e-8, exclude_self=True)
-    if center.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 3), np.int64)
-    images = np.rint(images).astype(np.int64)
-    order = np.lexsort((images[:, 2], images[:, 1], images[:, 0], point, np.round(dist, 8), center))
-    center, point, images, dist = center[order], point[order], images[order], dist[order]
-    # rank within each centre's (sorted) block
-    starts = np.r_[0, np.flatnonzero(np.diff(center)) + 1]
-    sizes = np.diff(np.r_[starts, center.size])
-    rank = np.arange(center.size) - np.repeat(starts, sizes)
-    keep = rank < max_neighbors
-    if tie_tolerance > 0:
-        # distance of each centre's last kept neighbour, broadcast over its block
-        last = np.repeat(dist[starts + np.minimum(sizes, max_neighbors) - 1], sizes)
-        keep |= dist <= last + tie_tolerance
-    return point[keep].astype(np.int64), center[keep].astype(np.int64), images[keep]
+    return neighbours.crystal_neighbours(cart, cell, cutoff, max_neighbors, tie_tolerance)
 
 
 def featurize_crystal(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -376,17 +370,19 @@ def featurize_crystal(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str, 
     cart = np.array(s.cart_coords, dtype=np.float64)
     if abs(np.linalg.det(cell)) < 1e-6:
         raise RecordError("lattice has zero volume")
-    src, dst, image = periodic_neighbours(cart, cell, s, cfg.crystal.cutoff, cfg.crystal.max_neighbors,
-                                          cfg.crystal.tie_tolerance)
+    if not (np.isfinite(cart).all() and np.isfinite(cell).all()):
+        raise RecordError("coordinates contain NaN or infinity")
+    src, dst, image = neighbours.crystal_neighbours(cart, cell, cfg.crystal.cutoff, cfg.crystal.max_neighbors,
+                                                    cfg.crystal.tie_tolerance)
     lonely = np.setdiff1d(np.arange(len(z)), dst)
     if lonely.size:
         raise RecordError(f"atom {int(lonely[0])} ({s[int(lonely[0])].specie.symbol}) has no neighbour within "
                           f"{cfg.crystal.cutoff} A (increase preprocess.crystal.cutoff)")
     feat = np.zeros((len(z), len(ATOM_COLUMNS)), dtype=np.int8)
     feat[:, 0] = z
-    arrays = {"z": z.astype(np.uint8), "atom_feat": feat, "pos": cart, "cell": cell,
-              "nbr_index": np.stack([src, dst]).astype(np.int32), "nbr_image": image.astype(np.int8),
-              "_formula": s.composition.reduced_formula}
+    arrays = {R.Z: z.astype(np.uint8), R.ATOM_FEAT: feat, R.POS: cart, R.CELL: cell,
+              R.NBR_INDEX: np.stack([src, dst]).astype(np.int32), R.NBR_IMAGE: image.astype(np.int8),
+              R.FORMULA: s.composition.reduced_formula}
     return arrays, raw.labels
 
 
@@ -400,18 +396,18 @@ def featurize(raw: RawRecord, targets: list[str], cfg: PreprocessConfig) -> dict
     Raises:
         RecordError: the record cannot be used; the message says why.
     """
-    if raw.kind == "molecule":
+    if raw.kind == R.MOLECULE:
         arrays, labels = featurize_molecule(raw, cfg)
-    elif raw.kind == "crystal":
+    elif raw.kind == R.CRYSTAL:
         arrays, labels = featurize_crystal(raw, cfg)
     else:
         raise RecordError(f"unknown record kind '{raw.kind}'")
-    arrays["y"] = parse_labels(labels, targets)
-    if "pos" in arrays and not np.all(np.isfinite(arrays["pos"])):
+    arrays[R.Y] = parse_labels(labels, targets)
+    if R.POS in arrays and not np.all(np.isfinite(arrays[R.POS])):
         raise RecordError("coordinates contain NaN or infinity")
-    arrays["_id"] = raw.rid
-    arrays["_kind"] = raw.kind
-    arrays["_source"] = raw.source
+    arrays[R.ID] = raw.rid
+    arrays[R.KIND] = raw.kind
+    arrays[R.SOURCE] = raw.source
     return arrays
 
 
@@ -428,6 +424,99 @@ def featurization_spec(cfg: PreprocessConfig) -> dict[str, Any]:
         "crystal_tie_tolerance": cfg.crystal.tie_tolerance,
         "conformers": cfg.molecule.conformers,
     }
+
+
+#: The graph views a model reads: the 2D graph (bonds, or a crystal's neighbour topology) and
+#: the 3D neighbour graph.
+VIEWS = ("2d", "3d")
+
+
+class KeyRelevance(NamedTuple):
+    """When a featurisation key must agree between a model and the shards it reads.
+
+    Attributes:
+        views: graph views that depend on the key (subset of :data:`VIEWS`).
+        kinds: record kinds whose arrays depend on it (subset of ``records.KINDS``).
+    A key matters for a model when both sets meet the model's views and the data's kinds.
+    """
+
+    views: frozenset[str]
+    kinds: frozenset[str]
+
+
+_ALL = KeyRelevance(frozenset(VIEWS), frozenset(R.KINDS))
+#: For every key of :func:`featurization_spec`, when it must agree. The crystal 2D graph *is*
+#: the neighbour topology, so the crystal neighbour settings matter for 2D models too; the
+#: molecule cutoff shapes only the 3D graph of molecules; stored conformers change no graph.
+KEY_RELEVANCE: dict[str, KeyRelevance] = {
+    "featurization_version": _ALL,
+    "atom_columns": _ALL,
+    "bond_columns": _ALL,
+    "max_z": _ALL,
+    "molecule_cutoff": KeyRelevance(frozenset({"3d"}), frozenset({R.MOLECULE})),
+    "crystal_cutoff": KeyRelevance(frozenset(VIEWS), frozenset({R.CRYSTAL})),
+    "crystal_max_neighbors": KeyRelevance(frozenset(VIEWS), frozenset({R.CRYSTAL})),
+    "crystal_tie_tolerance": KeyRelevance(frozenset(VIEWS), frozenset({R.CRYSTAL})),
+    "conformers": KeyRelevance(frozenset(), frozenset()),
+}
+
+#: Featurisation key of the neighbour cutoff of each record kind.
+CUTOFF_KEYS = {R.MOLECULE: "molecule_cutoff", R.CRYSTAL: "crystal_cutoff"}
+
+
+def _checked(values: Iterable[str], allowed: tuple[str, ...], what: str) -> frozenset[str]:
+    out = frozenset(values)
+    unknown = sorted(out - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; expected some of {list(allowed)}")
+    return out
+
+
+def featurization_differences(model_spec: dict[str, Any], shard_spec: dict[str, Any], views: Iterable[str],
+                              kinds: Iterable[str]) -> list[str]:
+    """What differs, among the keys that matter, between a model's featurisation and the shards'.
+
+    Args:
+        model_spec: the featurisation the model was trained on (a :func:`featurization_spec`).
+        shard_spec: the featurisation of the shards (their manifest's ``featurization``).
+        views: graph views the model reads, some of ``"2d"``, ``"3d"``.
+        kinds: record kinds present in the data, some of ``"molecule"``, ``"crystal"``.
+    Returns:
+        One line ``"key: model X vs shards Y"`` per relevant key whose values differ, in
+        :data:`KEY_RELEVANCE` order; empty when the model may read the shards. A key missing from
+        an older spec compares as None; a key this version does not know is always relevant.
+    Raises:
+        ValueError: an unknown view or kind.
+    """
+    views, kinds = _checked(views, VIEWS, "views"), _checked(kinds, R.KINDS, "kinds")
+    keys = list(KEY_RELEVANCE) + sorted((set(model_spec) | set(shard_spec)) - set(KEY_RELEVANCE))
+    out = []
+    for key in keys:
+        rel = KEY_RELEVANCE.get(key, _ALL)
+        if not (rel.views & views and rel.kinds & kinds):
+            continue
+        ours, theirs = model_spec.get(key), shard_spec.get(key)
+        if ours != theirs:
+            out.append(f"{key}: model {ours!r} vs shards {theirs!r}")
+    return out
+
+
+def neighbour_cutoff(spec: dict[str, Any], kinds: Iterable[str]) -> float:
+    """The neighbour cutoff (Angstrom) that every 3D graph of a dataset is complete to.
+
+    The smallest stored cutoff among the record kinds present: a 3D encoder's own cutoff must
+    not exceed it, or edges it expects are missing from some graphs.
+
+    Args:
+        spec: a :func:`featurization_spec` (a manifest's ``featurization``).
+        kinds: record kinds present in the data.
+    Raises:
+        ValueError: no kinds, or an unknown kind.
+    """
+    kinds = _checked(kinds, R.KINDS, "kinds")
+    if not kinds:
+        raise ValueError("neighbour_cutoff needs at least one record kind")
+    return min(float(spec[CUTOFF_KEYS[k]]) for k in sorted(kinds))
 
 
 def is_finite_number(x: Any) -> bool:

@@ -24,6 +24,7 @@ import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
 import dgl
 
 from pipeline import MolmatError
+from pipeline import records as R
 from pipeline.featurize import MAX_Z
 
 ATOM_DIM = (MAX_Z + 1) + 1 + 6 + 5 + 1 + 1 + 1 + 1 + 1
@@ -149,32 +150,32 @@ def _graph(src: np.ndarray, dst: np.ndarray, n_nodes: np.ndarray, n_edges: np.nd
 
 def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
     """Batch decoded shard records into a :class:`GraphBatch` (2D and 3D graphs, targets, mask)."""
-    n_atoms = np.array([len(r["z"]) for r in records], dtype=np.int64)
+    n_atoms = np.array([len(r[R.Z]) for r in records], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
-    kinds = [r.get("_kind", "molecule") for r in records]
-    z = np.concatenate([r["z"] for r in records]).astype(np.int64)
-    crystal = np.repeat(np.array([k == "crystal" for k in kinds], dtype=np.float32), n_atoms)
-    x = atom_features(np.concatenate([r["atom_feat"] for r in records]), crystal)
+    kinds = [r.get(R.KIND, R.MOLECULE) for r in records]
+    z = np.concatenate([r[R.Z] for r in records]).astype(np.int64)
+    crystal = np.repeat(np.array([k == R.CRYSTAL for k in kinds], dtype=np.float32), n_atoms)
+    x = atom_features(np.concatenate([r[R.ATOM_FEAT] for r in records]), crystal)
 
     # 2D view: chemical bonds in both directions, or (crystals) neighbour topology without distances
     src2, dst2, e2, ne2 = [], [], [], []
     for r, s0, kind in zip(records, starts, kinds):
-        if kind == "crystal" or "bond_index" not in r:
+        if kind == R.CRYSTAL or R.BOND_INDEX not in r:
             # the topology carries which coordination shell a neighbour is in, never its distance
-            idx = r["nbr_index"].astype(np.int64)
+            idx = r[R.NBR_INDEX].astype(np.int64)
             feat = np.zeros((idx.shape[1], BOND_DIM), dtype=np.float32)
             feat[:, 6] = 1.0
-            if idx.shape[1] and "pos" in r:
-                vec = r["pos"][idx[0]] - r["pos"][idx[1]]
-                if "nbr_image" in r and "cell" in r:
-                    vec = vec + r["nbr_image"] @ r["cell"]
+            if idx.shape[1] and R.POS in r:
+                vec = r[R.POS][idx[0]] - r[R.POS][idx[1]]
+                if R.NBR_IMAGE in r and R.CELL in r:
+                    vec = vec + r[R.NBR_IMAGE] @ r[R.CELL]
                 shell = neighbour_shells(idx[1], np.linalg.norm(vec, axis=1))
                 feat[np.arange(len(shell)), SHELL_COLUMN + np.minimum(shell, N_SHELLS - 1)] = 1.0
             src2.append(idx[0] + s0)
             dst2.append(idx[1] + s0)
         else:
-            idx = r["bond_index"].astype(np.int64)
-            f = bond_features(r["bond_feat"])
+            idx = r[R.BOND_INDEX].astype(np.int64)
+            f = bond_features(r[R.BOND_FEAT])
             feat = np.concatenate([f, f])
             src2.append(np.concatenate([idx[0], idx[1]]) + s0)
             dst2.append(np.concatenate([idx[1], idx[0]]) + s0)
@@ -187,36 +188,36 @@ def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
 
     cell = np.zeros((len(records), 3, 3), dtype=np.float32)
     g3d = None
-    if all("pos" in r and "nbr_index" in r for r in records):
+    if all(R.POS in r and R.NBR_INDEX in r for r in records):
         src3, dst3, img, ne3 = [], [], [], []
         for i, (r, s0) in enumerate(zip(records, starts)):
-            idx = r["nbr_index"].astype(np.int64)
+            idx = r[R.NBR_INDEX].astype(np.int64)
             src3.append(idx[0] + s0)
             dst3.append(idx[1] + s0)
-            img.append(r["nbr_image"])
+            img.append(r[R.NBR_IMAGE])
             ne3.append(idx.shape[1])
-            if "cell" in r:
-                cell[i] = r["cell"]
+            if R.CELL in r:
+                cell[i] = r[R.CELL]
         g3d = _graph(np.concatenate(src3), np.concatenate(dst3), n_atoms, np.array(ne3, dtype=np.int64))
         g3d.ndata["z"] = torch.from_numpy(z)
-        g3d.ndata["pos"] = torch.from_numpy(np.concatenate([r["pos"] for r in records]).astype(np.float32))
+        g3d.ndata["pos"] = torch.from_numpy(np.concatenate([r[R.POS] for r in records]).astype(np.float32))
         g3d.edata["image"] = torch.from_numpy(np.concatenate(img).astype(np.float32))
 
-    widths = {r["y"].size for r in records}
+    widths = {r[R.Y].size for r in records}
     if len(widths) > 1:
         # happens when shard directories with different target lists are concatenated
-        first = {r["y"].size: r for r in reversed(records)}
-        ids = ", ".join(f"{r.get('_id')} has {w}" for w, r in sorted(first.items()))
+        first = {r[R.Y].size: r for r in reversed(records)}
+        ids = ", ".join(f"{r.get(R.ID)} has {w}" for w, r in sorted(first.items()))
         raise MolmatError(f"cannot batch records with different numbers of targets ({ids}, ...); "
                           "select common targets first or use one shard directory per target set")
-    y = np.stack([r["y"] for r in records]).astype(np.float64) if records[0]["y"].size else np.zeros((len(records), 0))
+    y = np.stack([r[R.Y] for r in records]).astype(np.float64) if records[0][R.Y].size else np.zeros((len(records), 0))
     mask = np.isfinite(y)
     return GraphBatch(
         g2d=g2d, g3d=g3d, cell=torch.from_numpy(cell),
         y=torch.from_numpy(np.where(mask, y, 0.0).astype(np.float32)), mask=torch.from_numpy(mask),
-        n_atoms=torch.from_numpy(n_atoms), ids=[str(r.get("_id", "")) for r in records], kinds=kinds,
-        index=[int(r.get("_index", -1)) for r in records], smiles=[r.get("_smiles", "") for r in records],
-        conformers=[r.get("conformers") for r in records],
+        n_atoms=torch.from_numpy(n_atoms), ids=[str(r.get(R.ID, "")) for r in records], kinds=kinds,
+        index=[int(r.get(R.INDEX, -1)) for r in records], smiles=[r.get(R.SMILES, "") for r in records],
+        conformers=[r.get(R.CONFORMERS) for r in records],
     )
 
 

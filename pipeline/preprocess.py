@@ -7,6 +7,10 @@ is identical for any number of workers. A shard whose file exists is complete an
 rerun; a leftover ``.tmp`` shard from a killed run is discarded and redone. ``--part I --parts
 N`` processes shards ``k`` with ``k % N == I``, and :func:`merge` joins such parts without
 copying records. ``manifest.json`` is written last: its presence means the directory is whole.
+
+A record that cannot be used goes to ``rejects.jsonl`` and the run goes on. A run in which every
+record was rejected, or in which an unexpected exception (a bug, not bad data) rejected records,
+still writes everything, then fails with a :class:`MolmatError` saying so.
 """
 from __future__ import annotations
 
@@ -27,11 +31,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline import FORMAT_VERSION, MolmatError, __version__
+from pipeline import records as R
 from pipeline.config import Config, PreprocessConfig, write_resolved
 from pipeline.featurize import RecordError, featurization_spec, featurize
-from pipeline.readers import RawRecord, SourceReader, open_source
-from pipeline.shards import (MANIFEST, REJECTS, STATS, RunningStats, ShardWriter, close_shards, encode_record,
-                             read_shard_meta, shard_name, write_json_atomic)
+from pipeline.readers import RawRecord, SourceReader, format_kind, open_source
+from pipeline.shards import (MANIFEST, REJECTS, STATS, RunningStats, ShardWriter, close_shards, dataset_facts,
+                             dataset_has_coordinates, encode_record, read_shard_meta, shard_facts, shard_name,
+                             write_json_atomic)
 
 log = logging.getLogger("molmat.preprocess")
 PROGRESS = "progress.json"
@@ -89,21 +95,27 @@ def _init_worker(targets: list[str], cfg_json: str, in_pool: bool = False) -> No
 
 
 def _process_chunk(chunk: list[tuple[int, RawRecord]]) -> list[tuple[int, Any]]:
-    """Featurise and encode a chunk; each item becomes (index, result dict) or (index, reject dict)."""
+    """Featurise and encode a chunk; each item becomes (index, result dict) or (index, reject dict).
+
+    A reject dict carries ``unexpected: True`` when the exception was not a :class:`RecordError`
+    (a bug in molmat or a library rather than bad input), so the run can fail at its end.
+    """
     out: list[tuple[int, Any]] = []
     targets, cfg = _WORKER["targets"], _WORKER["cfg"]
     for index, raw in chunk:
         try:
             arrays = featurize(raw, targets, cfg)
-            result = {"record": encode_record(arrays), "y": arrays["y"], "z": arrays["z"],
-                      "bonds": int(arrays["bond_index"].shape[1]) if "bond_index" in arrays else 0,
-                      "neighbors": int(arrays["nbr_index"].shape[1]) if "nbr_index" in arrays else 0,
-                      "scaffold": arrays.get("_scaffold") or arrays.get("_formula") or raw.rid}
+            result = {"record": encode_record(arrays), "y": arrays[R.Y], "z": arrays[R.Z],
+                      "bonds": int(arrays[R.BOND_INDEX].shape[1]) if R.BOND_INDEX in arrays else 0,
+                      "neighbors": int(arrays[R.NBR_INDEX].shape[1]) if R.NBR_INDEX in arrays else 0,
+                      "scaffold": arrays.get(R.SCAFFOLD) or arrays.get(R.FORMULA) or raw.rid,
+                      "kind": arrays[R.KIND], "coordinates": R.POS in arrays}
             out.append((index, result))
         except RecordError as exc:
             out.append((index, {"reject": str(exc)}))
         except Exception as exc:  # one malformed record must not end a 100k-record run
-            out.append((index, {"reject": f"unexpected error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"}))
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            out.append((index, {"reject": f"unexpected error ({type(exc).__name__}: {first})", "unexpected": True}))
         if "reject" in out[-1][1]:
             out[-1][1].update(file=raw.source, id=raw.rid)
     return out
@@ -257,10 +269,13 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
     stats = RunningStats(len(target_names))
     rejects: list[dict[str, Any]] = []
     scaffolds: list[str] = []
+    kinds: collections.Counter = collections.Counter()
+    with_coordinates = 0
 
     def finish_shard() -> None:
         meta = {"format_version": FORMAT_VERSION, "shard": current, "count": writer.count,
                 "input_range": [current * size, current * size + writer.count + len(rejects)],
+                **shard_facts(kinds, with_coordinates),
                 "stats": stats.to_json(), "rejects": rejects, "scaffolds": scaffolds}
         writer.close(meta)
 
@@ -276,15 +291,19 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
                     finish_shard()
                 writer = ShardWriter(out / shard_name(shard))
                 current, stats, rejects, scaffolds = shard, RunningStats(len(target_names)), [], []
+                kinds, with_coordinates = collections.Counter(), 0
             n_rej = 0
             for index, res in results:
                 if "reject" in res:
-                    rejects.append({"index": index, "file": res["file"], "id": res["id"], "reason": res["reject"]})
+                    rejects.append({"index": index, "file": res["file"], "id": res["id"], "reason": res["reject"],
+                                    **({"unexpected": True} if res.get("unexpected") else {})})
                     n_rej += 1
                     continue
                 writer.add(res["record"])
                 stats.add(res["y"], res["z"], res["bonds"], res["neighbors"])
                 scaffolds.append(res["scaffold"])
+                kinds[res["kind"]] += 1
+                with_coordinates += bool(res["coordinates"])
             progress.update(len(results), n_rej)
         if writer is not None:
             finish_shard()
@@ -307,9 +326,50 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
     return _finalise(out, config, fingerprint, target_specs, n_seen, n_shards, part, parts, time.time() - t0)
 
 
+def _manifest_facts(metas: list[dict[str, Any]], inputs: list[dict[str, Any]], preprocess_cfg: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """``kinds`` and ``coordinates`` of the manifest, from the shards' counts.
+
+    Shards finished by an older version of molmat (a resumed run) have no counts; the facts
+    then follow from the input formats.
+    """
+    facts = dataset_facts(metas)
+    if facts is None:
+        guess = {"inputs": inputs, "preprocess": preprocess_cfg}
+        facts = {"kinds": sorted({format_kind(i["format"]) for i in inputs}),
+                 "coordinates": dataset_has_coordinates(guess)}
+    return facts
+
+
+def _check_failures(out: Path, metas: list[dict[str, Any]], records: int) -> None:
+    """Fail a finished run whose records were all rejected, or rejected by unexpected errors.
+
+    Everything (shards, manifest, rejects.jsonl) is written before this runs, so nothing is lost
+    and the rejects can be read; the error names the count and the first case.
+    """
+    rejects = [r for m in metas for r in m["rejects"]]
+    unexpected = [r for r in rejects if r.get("unexpected")]
+
+    def first(r: dict[str, Any]) -> str:
+        return f"(first: {r['file']} [{r['id']}]: {r['reason']}); all are listed in {out / REJECTS}"
+
+    if unexpected:
+        raise MolmatError(f"{len(unexpected)} record(s) were rejected by an unexpected error, which is a bug in molmat "
+                          f"or a library rather than bad input {first(unexpected[0])}; the shards and manifest were "
+                          f"written ({records} records), but do not use them before this is fixed")
+    if rejects and records == 0:
+        raise MolmatError(f"every record ({len(rejects)}) was rejected, none was written {first(rejects[0])}; "
+                          "check the input format and the preprocess settings")
+
+
 def _finalise(out: Path, config: Config, fingerprint: dict[str, Any], targets: list[dict[str, str]],
               n_seen: int, n_shards: int, part: int, parts: int, seconds: float) -> PreprocessSummary:
-    """Collect shard metadata into manifest.json, stats.json, rejects.jsonl and (unsplit) split.json."""
+    """Collect shard metadata into manifest.json, stats.json, rejects.jsonl and (unsplit) split.json.
+
+    Raises:
+        MolmatError: after writing everything, when every record was rejected or some record
+            was rejected by an unexpected error (see :func:`_check_failures`).
+    """
     shard_entries = []
     metas = []
     for k in range(n_shards):
@@ -336,6 +396,7 @@ def _finalise(out: Path, config: Config, fingerprint: dict[str, Any], targets: l
         "inputs": fingerprint["inputs"], "preprocess": fingerprint["preprocess"],
         "featurization": fingerprint["featurization"], "targets": targets,
         "records": sum(e["count"] for e in shard_entries), "rejected": n_rejected, "inputs_seen": n_seen,
+        **_manifest_facts(metas, fingerprint["inputs"], fingerprint["preprocess"]),
         "shard_size": config.preprocess.shard_size, "part": part, "parts": parts, "shards": shard_entries,
     }
     if parts == 1:
@@ -343,6 +404,7 @@ def _finalise(out: Path, config: Config, fingerprint: dict[str, Any], targets: l
 
         write_split(out, config.split, scaffolds=[s for m in metas for s in m["scaffolds"]])
     write_json_atomic(out / MANIFEST, manifest)
+    _check_failures(out, metas, manifest["records"])
     return PreprocessSummary(out, manifest["records"], n_rejected, len(shard_entries), targets, seconds)
 
 
@@ -392,7 +454,8 @@ def merge(part_dirs: list[str | Path], out: str | Path, config: Config) -> Prepr
 
     write_split(out, config.split, scaffolds=[s for m in metas for s in m["scaffolds"]])
     manifest = dict(ref, part=0, parts=1, shards=entries, records=sum(e["count"] for e in entries),
-                    rejected=sum(e["rejected"] for e in entries), merged_from=[str(d) for d, _ in manifests])
+                    rejected=sum(e["rejected"] for e in entries), merged_from=[str(d) for d, _ in manifests],
+                    **_manifest_facts(metas, ref["inputs"], ref["preprocess"]))
     write_resolved(config, out)
     write_json_atomic(out / MANIFEST, manifest)
     return PreprocessSummary(out, manifest["records"], manifest["rejected"], len(entries), ref["targets"], time.time() - t0)

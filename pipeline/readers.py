@@ -7,8 +7,9 @@ atoms and bonds happens in :mod:`pipeline.featurize`, inside worker processes. N
 collects a whole dataset in memory, except the plain JSON list format, which the JSON standard
 library can only load whole (use JSON Lines for very large sets).
 
-The table :data:`FORMATS` maps a format name to its reader; :func:`detect_format` picks one from
-file names.
+The table :data:`FORMATS` maps a format name to its reader and the kind of record it holds
+(the one place that knows which formats hold molecules and which crystals);
+:func:`detect_format` picks one from file names.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline import MolmatError
+from pipeline.records import CRYSTAL, MOLECULE
 
 #: QM9 line-2 properties in file order: (canonical target name, unit). Names carry the unit.
 QM9_PROPERTIES: list[tuple[str, str]] = [
@@ -174,7 +176,7 @@ def read_qm9_xyz(path: Path, labels: Path | None = None) -> SourceReader:
     def records() -> Iterator[RawRecord]:
         for source, stem, text in _iter_members(path, ".xyz"):
             rid = stem.rsplit("_", 1)[-1] if stem.startswith("dsgdb9nsd_") else stem
-            yield RawRecord(source=source, rid=rid, kind="molecule", fmt="xyz", data=text)
+            yield RawRecord(source=source, rid=rid, kind=MOLECULE, fmt="xyz", data=text)
 
     files = _dir_files(path) if path.is_dir() else [path]
     return SourceReader(path, "qm9_xyz", list(QM9_PROPERTIES), records, files)
@@ -224,12 +226,12 @@ def read_sdf(path: Path, labels: Path | None = None) -> SourceReader:
                     title = text.split("\n", 1)[0].strip()
                     row = rows.get(title) if title in rows else (row_list[index] if index < len(row_list) else None)
                     values = {t[0]: row.get(c, "") for c, t in zip(columns, targets)} if row else {}
-                    yield RawRecord(str(path), title or f"mol{index + 1}", "molecule", "molblock", text, values)
+                    yield RawRecord(str(path), title or f"mol{index + 1}", MOLECULE, "molblock", text, values)
                     index += 1
                 else:
                     block.append(line)
         if "".join(block).strip():
-            yield RawRecord(str(path), f"mol{index + 1}", "molecule", "molblock", "".join(block), {})
+            yield RawRecord(str(path), f"mol{index + 1}", MOLECULE, "molblock", "".join(block), {})
 
     files = [path] + ([label_path] if label_path else [])
     return SourceReader(path, "sdf", targets, records, files)
@@ -254,7 +256,7 @@ def read_smiles_csv(path: Path, labels: Path | None = None) -> SourceReader:
             for line_no, row in enumerate(csv.DictReader(fh), start=2):
                 rid = row.get(id_col) if id_col else f"row{line_no}"
                 values = {c: row.get(c, "") for c in columns}
-                yield RawRecord(f"{path}:{line_no}", str(rid), "molecule", "smiles", row.get(smiles_col) or "", values)
+                yield RawRecord(f"{path}:{line_no}", str(rid), MOLECULE, "smiles", row.get(smiles_col) or "", values)
 
     return SourceReader(path, "smiles_csv", targets, records, [path])
 
@@ -275,7 +277,7 @@ def read_cifs(path: Path, labels: Path | None = None) -> SourceReader:
     def records() -> Iterator[RawRecord]:
         for source, stem, text in _iter_members(path, ".cif"):
             row = rows.get(stem, {})
-            yield RawRecord(source, stem, "crystal", "cif", text, {c: row.get(c, "") for c in columns})
+            yield RawRecord(source, stem, CRYSTAL, "cif", text, {c: row.get(c, "") for c in columns})
 
     files = (_dir_files(path) if path.is_dir() else [path]) + ([labels] if labels else [])
     return SourceReader(path, "cif", targets, records, files)
@@ -324,24 +326,48 @@ def read_pymatgen_json(path: Path, labels: Path | None = None) -> SourceReader:
     def records() -> Iterator[RawRecord]:
         for i, item in enumerate(items()):
             if not isinstance(item, dict):
-                yield RawRecord(f"{path}[{i}]", str(i), "crystal", "pymatgen", None, {})
+                yield RawRecord(f"{path}[{i}]", str(i), CRYSTAL, "pymatgen", None, {})
                 continue
             rid = next((str(item[k]) for k in _ID_COLUMNS if k in item), str(i))
             structure = item.get("structure", item)
             values = {t: item.get(t) for t, _ in targets}
-            yield RawRecord(f"{path}[{i}]", rid, "crystal", "pymatgen", structure, values)
+            yield RawRecord(f"{path}[{i}]", rid, CRYSTAL, "pymatgen", structure, values)
 
     return SourceReader(path, "pymatgen_json", targets, records, [path])
 
 
-#: Format name -> reader function. The one place that knows every format.
-FORMATS: dict[str, Callable[[Path, Path | None], SourceReader]] = {
-    "qm9_xyz": read_qm9_xyz,
-    "sdf": read_sdf,
-    "smiles_csv": read_smiles_csv,
-    "cif": read_cifs,
-    "pymatgen_json": read_pymatgen_json,
+@dataclass(frozen=True)
+class Format:
+    """An input format: its reader and the kind of every record it yields.
+
+    Attributes:
+        reader: ``reader(path, labels_csv_or_None) -> SourceReader``.
+        kind: ``records.MOLECULE`` or ``records.CRYSTAL``.
+    """
+
+    reader: Callable[[Path, Path | None], SourceReader]
+    kind: str
+
+
+#: Format name -> reader and record kind. The one place that knows every format.
+FORMATS: dict[str, Format] = {
+    "qm9_xyz": Format(read_qm9_xyz, MOLECULE),
+    "sdf": Format(read_sdf, MOLECULE),
+    "smiles_csv": Format(read_smiles_csv, MOLECULE),
+    "cif": Format(read_cifs, CRYSTAL),
+    "pymatgen_json": Format(read_pymatgen_json, CRYSTAL),
 }
+
+
+def format_kind(name: str) -> str:
+    """Record kind (``"molecule"`` or ``"crystal"``) of a format name of :data:`FORMATS`.
+
+    Raises:
+        MolmatError: an unknown format name.
+    """
+    if name not in FORMATS:
+        raise MolmatError(f"unknown format '{name}'; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name].kind
 
 
 def detect_format(path: Path) -> str:
@@ -381,4 +407,4 @@ def open_source(path: str | Path, fmt: str = "auto", labels: str | Path | None =
     label_path = Path(labels) if labels else None
     if label_path is not None and not label_path.exists():
         raise MolmatError(f"labels file {label_path} does not exist")
-    return FORMATS[name](p, label_path)
+    return FORMATS[name].reader(p, label_path)

@@ -1,26 +1,20 @@
-"""LMDB graph shards: the record codec, the shard writer, the manifest and :class:`ShardDataset`.
+"""LMDB graph shards: the shard writer, the manifest, dataset facts and :class:`ShardDataset`.
 
-Record layout (little-endian, readable with numpy alone, no pickle)::
+Records are encoded by :mod:`pipeline.records` (layout, checksum; re-exported here). A shard is
+one LMDB file ``data.NNNN.lmdb`` (``subdir=False``) with keys ``%010d`` (local record index) and
+``__meta__`` (JSON: counts, records per kind and with coordinates, the input range it covers,
+statistics, rejects, scaffolds). It is written as ``data.NNNN.lmdb.tmp`` and renamed when
+complete, so a file with the final name is always whole.
 
-    b"MMR1" | uint32 header_len | header (UTF-8 JSON) | zero pad to 8 |
-    array bytes, each starting on an 8-byte boundary | uint32 crc32 of everything before
-
-The header is ``{"meta": {...strings...}, "arrays": [[name, dtype, shape, offset, nbytes], ...]}``
-with offsets counted from the first array byte and numpy dtype strings (``"<f8"``).
-
-A shard is one LMDB file ``data.NNNN.lmdb`` (``subdir=False``) with keys ``%010d`` (local record
-index) and ``__meta__`` (JSON: counts, the input range it covers, statistics, rejects,
-scaffolds). It is written as ``data.NNNN.lmdb.tmp`` and renamed when complete, so a file with the
-final name is always whole.
+The manifest says which record kinds a dataset holds (``kinds``) and whether its records have
+coordinates (``coordinates``); :func:`dataset_kinds` and :func:`dataset_has_coordinates` read
+these facts, also from manifests written before they were recorded.
 """
 from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,17 +22,16 @@ import lmdb
 import numpy as np
 
 from pipeline import FORMAT_VERSION, MolmatError
+from pipeline.elements import element_symbol
+# the codec lives with the record contract; re-exported so `from pipeline.shards import ...` works
+from pipeline.records import MAGIC, CorruptRecordError, decode_record, encode_record  # noqa: F401
+from pipeline.records import INDEX
 
-MAGIC = b"MMR1"
 META_KEY = b"__meta__"
 MANIFEST = "manifest.json"
 STATS = "stats.json"
 REJECTS = "rejects.jsonl"
 SPLIT = "split.json"
-
-
-class CorruptRecordError(MolmatError):
-    """A record whose bytes do not match its checksum or layout."""
 
 
 def record_key(index: int) -> bytes:
@@ -49,68 +42,6 @@ def record_key(index: int) -> bytes:
 def shard_name(number: int) -> str:
     """File name of shard ``number``."""
     return f"data.{number:04d}.lmdb"
-
-
-# ---------------------------------------------------------------------------------------- codec
-def encode_record(arrays: dict[str, Any]) -> bytes:
-    """Serialise a featurised record: numpy arrays plus ``_``-prefixed string metadata.
-
-    Args:
-        arrays: name -> numpy array; keys starting with ``_`` are strings stored in the header.
-    Returns:
-        The record bytes (header, aligned array data, crc32).
-    """
-    meta = {k[1:]: v for k, v in arrays.items() if k.startswith("_")}
-    entries = []
-    chunks = []
-    offset = 0
-    for name, value in arrays.items():
-        if name.startswith("_"):
-            continue
-        arr = np.ascontiguousarray(value)
-        if arr.dtype.hasobject:
-            raise TypeError(f"array '{name}' has object dtype; only numeric arrays are stored")
-        data = arr.tobytes()
-        entries.append([name, arr.dtype.str, list(arr.shape), offset, len(data)])
-        chunks.append(data)
-        pad = (-len(data)) % 8
-        if pad:
-            chunks.append(b"\0" * pad)
-        offset += len(data) + pad
-    header = json.dumps({"meta": meta, "arrays": entries}, separators=(",", ":")).encode()
-    head = MAGIC + struct.pack("<I", len(header)) + header
-    head += b"\0" * ((-len(head)) % 8)
-    body = head + b"".join(chunks)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def decode_record(buf: bytes | memoryview, where: str = "record") -> dict[str, Any]:
-    """Inverse of :func:`encode_record`; verifies the checksum.
-
-    Args:
-        buf: record bytes.
-        where: text naming the shard and key, used in error messages.
-    Raises:
-        CorruptRecordError: checksum mismatch, bad magic or a layout that does not fit.
-    """
-    view = memoryview(buf)
-    if len(view) < 12 or bytes(view[:4]) != MAGIC:
-        raise CorruptRecordError(f"{where}: not a molmat record (bad magic); the shard is corrupt, re-run preprocess")
-    (crc,) = struct.unpack_from("<I", view, len(view) - 4)
-    if zlib.crc32(view[:-4]) != crc:
-        raise CorruptRecordError(f"{where}: checksum mismatch; the shard is corrupt, re-run preprocess")
-    (hlen,) = struct.unpack_from("<I", view, 4)
-    try:
-        header = json.loads(bytes(view[8:8 + hlen]))
-    except ValueError:
-        raise CorruptRecordError(f"{where}: unreadable header") from None
-    start = 8 + hlen
-    start += (-start) % 8
-    out: dict[str, Any] = {f"_{k}": v for k, v in header["meta"].items()}
-    for name, dtype, shape, off, nbytes in header["arrays"]:
-        arr = np.frombuffer(view, dtype=np.dtype(dtype), count=math.prod(shape), offset=start + off)
-        out[name] = arr.reshape(shape)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- stats
@@ -174,8 +105,6 @@ class RunningStats:
 
     def summary(self, targets: list[dict[str, str]]) -> dict[str, Any]:
         """The content of ``stats.json``."""
-        from pipeline.featurize import symbol_of  # imported here: featurize pulls in RDKit
-
         out: dict[str, Any] = {"graphs": self.graphs, "targets": {}, "elements": {}, "per_graph": {}}
         for i, t in enumerate(targets):
             n = int(self.count[i])
@@ -183,13 +112,75 @@ class RunningStats:
             out["targets"][t["name"]] = {"unit": t["unit"], "count": n,
                                          "mean": float(self.mean[i]) if n else float("nan"), "std": std}
         for z in np.flatnonzero(self.elements):
-            out["elements"][symbol_of(int(z))] = int(self.elements[z])
+            out["elements"][element_symbol(int(z))] = int(self.elements[z])
         for key, (s, s2, lo, hi) in self.sizes.items():
             n = max(self.graphs, 1)
             mean = s / n
             out["per_graph"][key] = {"mean": mean, "std": float(np.sqrt(max(s2 / n - mean * mean, 0.0))),
                                      "min": lo if self.graphs else 0, "max": hi, "total": s}
         return out
+
+
+# ---------------------------------------------------------------------------------- dataset facts
+#: Values of the manifest's ``coordinates``: every record, some, or no record has coordinates.
+COORDINATES = ("all", "some", "none")
+
+
+def shard_facts(kind_counts: dict[str, int], with_coordinates: int) -> dict[str, Any]:
+    """The per-shard counts stored in a shard's ``__meta__``.
+
+    Args:
+        kind_counts: records per kind (``{"crystal": 25}``).
+        with_coordinates: records that carry ``pos``.
+    """
+    return {"kinds": {k: int(v) for k, v in sorted(kind_counts.items())}, "with_coordinates": int(with_coordinates)}
+
+
+def dataset_facts(metas: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Manifest facts from shard metadata: ``{"kinds": sorted kinds present, "coordinates": ...}``.
+
+    ``coordinates`` is ``"all"`` when every record has coordinates, ``"none"`` when none has
+    (or there are no records), ``"some"`` otherwise. Returns None when a shard was written
+    before these counts were kept (a run resumed across versions); callers then fall back to
+    the input formats.
+    """
+    if any("kinds" not in m or "with_coordinates" not in m for m in metas):
+        return None
+    counts: dict[str, int] = {}
+    for m in metas:
+        for kind, n in m["kinds"].items():
+            counts[kind] = counts.get(kind, 0) + int(n)
+    total = sum(counts.values())
+    with_xyz = sum(int(m["with_coordinates"]) for m in metas)
+    coordinates = "none" if with_xyz == 0 else "all" if with_xyz == total else "some"
+    return {"kinds": sorted(k for k, n in counts.items() if n), "coordinates": coordinates}
+
+
+def dataset_kinds(manifest: dict[str, Any]) -> list[str]:
+    """Record kinds present in a dataset (sorted, e.g. ``["crystal", "molecule"]``).
+
+    Read from the manifest's ``kinds``; for manifests written before it was recorded, the kinds
+    of the input formats (:data:`pipeline.readers.FORMATS`).
+    """
+    if "kinds" in manifest:
+        return list(manifest["kinds"])
+    from pipeline.readers import format_kind
+
+    return sorted({format_kind(i["format"]) for i in manifest.get("inputs", [])})
+
+
+def dataset_has_coordinates(manifest: dict[str, Any]) -> str:
+    """Whether a dataset's records have coordinates: ``"all"``, ``"some"`` or ``"none"``.
+
+    Read from the manifest's ``coordinates``; for manifests written before it was recorded,
+    every input has coordinates except SMILES CSVs preprocessed with
+    ``preprocess.molecule.embed_smiles=false``.
+    """
+    if "coordinates" in manifest:
+        return str(manifest["coordinates"])
+    embed = manifest.get("preprocess", {}).get("molecule", {}).get("embed_smiles", True)
+    has = {not (i["format"] == "smiles_csv" and not embed) for i in manifest.get("inputs", [])}
+    return "all" if has == {True} else "some" if has == {True, False} else "none"
 
 
 # --------------------------------------------------------------------------------------- writer
@@ -395,7 +386,7 @@ class ShardDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = int(self.indices[i]) if self.indices is not None else int(i)
         rec = self.get(index)
-        rec["_index"] = index
+        rec[INDEX] = index
         return rec
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -1,16 +1,17 @@
-"""One trainer for every stage (fine-tuning, pretraining): AdamW, warm-up then cosine or plateau,
-gradient clipping, early stopping, a wall-clock budget, ``metrics.csv``, resumable ``last.pt``.
+"""One trainer for every stage: AdamW, warm-up then cosine or plateau, gradient clipping, early
+stopping, a wall-clock budget, ``metrics.csv``, resumable ``last.pt``, preemption by signal.
 
-The trainer knows nothing about chemistry: a stage gives it a model, a loss function and an
-evaluation function. Shuffling uses :class:`EpochSampler`, whose order depends only on (seed,
-epoch), so a run resumed from ``last.pt`` sees exactly the batches an uninterrupted run would,
-also when it stopped mid-epoch.
+The trainer knows nothing about chemistry. A stage hands it a model and a :class:`Task`: how to
+collate records, the training loss, the validation metrics, which metric to monitor, and how to
+save the best model. :class:`Callback` objects see every step, evaluation and save (the built-in
+:class:`TimingCallback` writes ``timing.json``, which the benchmarks read). Shuffling uses
+:class:`pipeline.loader.EpochSampler`, whose order depends only on (seed, epoch), so a run resumed
+from ``last.pt`` sees exactly the batches an uninterrupted run would, also mid-epoch.
 """
 from __future__ import annotations
 
-import atexit
 import csv
-import functools
+import json
 import logging
 import math
 import os
@@ -20,15 +21,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch import nn
+from torch.utils.data import DataLoader
 
+from pipeline.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_mean, any_flag, scaled_lr
-from pipeline.graphs import GraphBatch, collate
+from pipeline.loader import EpochSampler, StopSafeLoader, make_loader
 
 log = logging.getLogger("molmat.train")
 
@@ -47,115 +50,119 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffled indices whose order depends only on (seed, epoch); can start mid-epoch.
+class Task(Protocol):
+    """What a stage tells the trainer (fine-tuning, pretraining, and next density and curvature).
 
-    With ``world_size > 1`` each rank takes every ``world_size``-th index of the same
-    permutation (padded by wrapping so all ranks get the same count), like
-    ``DistributedSampler``.
+    Attributes:
+        monitor: the validation metric to minimise (early stopping, best model).
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world_size
-        self.epoch = 0
-        self.start = 0
+    monitor: str
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's permutation and skip its first ``start`` samples (of this rank)."""
-        self.epoch, self.start = epoch, start
+    def collate(self, records: list[dict[str, Any]]) -> Any:
+        """Records -> a batch with a ``.to(device)`` method."""
 
-    def order(self) -> list[int]:
-        """This rank's full index order for the current epoch."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
-        per_rank = math.ceil(self.n / self.world) if self.n else 0
-        perm = (perm * (1 + (per_rank * self.world) // max(self.n, 1)))[: per_rank * self.world]
-        return perm[self.rank::self.world]
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar training loss of a batch, and named parts to log (e.g. one loss per target).
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start:])
+        ``model`` is what the trainer optimises (a DDP wrapper under torchrun): call it for the
+        forward pass so gradients are synchronised.
+        """
 
-    def __len__(self) -> int:
-        return max(len(self.order()) - self.start, 0)
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Validation metrics over this rank's share of the validation batches, reduced over ranks.
+
+        ``model`` is the plain module (no DDP wrapper), in the mode the task sets.
+        """
+
+    def save_best(self, model: nn.Module) -> None:
+        """Write the deployable model (rank 0 only), given the plain module."""
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+class Callback:
+    """Hooks into the training loop; every method is optional and does nothing by default."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """Called once before the first step (after a resume)."""
+
+    def on_step(self, trainer: "Trainer", batch: Any, loss: float) -> None:
+        """Called after every optimizer step with the batch and its loss."""
+
+    def on_eval_start(self, trainer: "Trainer") -> None:
+        """Called before each validation pass."""
+
+    def on_eval(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+        """Called after each validation pass with its metrics."""
+
+    def on_save_start(self, trainer: "Trainer", what: str) -> None:
+        """Called before writing ``last`` (training state) or ``best`` (model directory)."""
+
+    def on_save(self, trainer: "Trainer", what: str) -> None:
+        """Called after writing ``last`` or ``best``."""
+
+    def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None:
+        """Called once when training stops, however it stopped."""
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM/SIGUSR1 and leave the stop to the trainer.
+class TimingCallback(Callback):
+    """Counts graphs and steps and times validation and saving; writes ``RUN/timing.json``.
 
-    Slurm signals every process of a job. A worker killed by it makes PyTorch raise "DataLoader
-    worker is killed" in the main process at an arbitrary point, possibly before ``last.pt`` is
-    written, and under DDP on one rank but not another. The main process shuts its workers down
-    once it has saved; leftovers are killed when it exits (:func:`_kill_leftover_workers`).
-    """
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent across the fork
-
-
-def _kill_leftover_workers() -> None:
-    # multiprocessing's own exit hook terminates daemonic children with SIGTERM, which loader
-    # workers ignore, and then joins them forever; this hook is registered later, so runs first.
-    # It does the same first (other daemonic children keep their SIGTERM cleanup) and SIGKILLs
-    # only what is still alive after that.
-    import multiprocessing
-
-    children = [p for p in multiprocessing.active_children() if p.daemon]
-    for proc in children:
-        proc.terminate()
-    deadline = time.monotonic() + 2.0
-    for proc in children:
-        proc.join(max(deadline - time.monotonic(), 0.0))
-        if proc.is_alive():
-            proc.kill()
-
-
-@functools.cache
-def _register_exit_hook() -> None:
-    atexit.register(_kill_leftover_workers)
-
-
-class StopSafeLoader(DataLoader):
-    """A DataLoader whose workers are never killed by a stop signal meant for the trainer.
-
-    With workers, each gets :func:`ignore_stop_signals` as its ``worker_init_fn``, and
-    SIGTERM/SIGUSR1 are blocked while the workers are forked (they start at each ``iter``), so a
-    signal in that window neither kills a worker nor is lost: the parent receives it when it
-    unblocks. Takes DataLoader's arguments except ``worker_init_fn``.
+    ``timing.json`` (``timing.rank<R>.json`` on ranks > 0) holds ``graphs``, ``steps``,
+    ``fit_s`` (wall time of :meth:`Trainer.fit`, what ``train.max_minutes`` limits), ``eval_s``,
+    ``save_s``, ``train_s`` (= fit - eval - save: steps including data loading), ``graphs_per_s``,
+    ``first_step_s``, and per epoch the training-only counters. Costs two clock reads a step.
     """
 
-    def __init__(self, dataset: Any, **kwargs: Any) -> None:
-        if kwargs.get("num_workers"):
-            _register_exit_hook()
-            kwargs["worker_init_fn"] = ignore_stop_signals
-        super().__init__(dataset, **kwargs)
+    def __init__(self) -> None:
+        self.t0 = 0.0
+        self.stats: dict[str, Any] = {}
+        self._mark = 0.0
 
-    def __iter__(self) -> Any:
-        """Start the workers with the stop signals blocked."""
-        if not self.num_workers:
-            return super().__iter__()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """Start the clock."""
+        self.t0 = time.perf_counter()
+        self.stats = {"graphs": 0, "steps": 0, "eval_s": 0.0, "save_s": 0.0, "fit_s": 0.0, "first_step_s": None,
+                      "evals": 0, "epochs": []}
 
+    def on_step(self, trainer: "Trainer", batch: Any, loss: float) -> None:
+        """Count the batch's graphs."""
+        s = self.stats
+        s["graphs"] += int(getattr(batch, "num_graphs", 0) or 0)
+        s["steps"] += 1
+        if s["steps"] == 1:
+            s["first_step_s"] = time.perf_counter() - self.t0
 
-def make_loader(dataset: Any, batch_size: int, sampler: Sampler | None = None, num_workers: int = 0,
-                shuffle_seed: int | None = None, collate_fn: Callable[[list], Any] = collate) -> DataLoader:
-    """DataLoader over shard records that yields batches (:class:`GraphBatch` by default)."""
-    if sampler is None and shuffle_seed is not None:
-        sampler = EpochSampler(len(dataset), shuffle_seed)
-    # A private generator: DataLoader would otherwise draw its worker seed from the global RNG at
-    # each epoch start, and a run resumed mid-epoch would then diverge from an uninterrupted one.
-    return StopSafeLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                          collate_fn=collate_fn, persistent_workers=False, drop_last=False,
-                          generator=torch.Generator().manual_seed(shuffle_seed or 0))
+    def on_eval_start(self, trainer: "Trainer") -> None:
+        """Record the training-only counters at the epoch's end."""
+        self._mark = time.perf_counter()
+        s = self.stats
+        s["epochs"].append({"steps": s["steps"], "graphs": s["graphs"],
+                            "train_s": self._mark - self.t0 - s["eval_s"] - s["save_s"]})
+
+    def on_eval(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None:
+        """Add the validation time."""
+        self.stats["eval_s"] += time.perf_counter() - self._mark
+        self.stats["evals"] += 1
+
+    def on_save_start(self, trainer: "Trainer", what: str) -> None:
+        """Start timing a save."""
+        self._mark = time.perf_counter()
+
+    def on_save(self, trainer: "Trainer", what: str) -> None:
+        """Add the save time."""
+        self.stats["save_s"] += time.perf_counter() - self._mark
+
+    def on_fit_end(self, trainer: "Trainer", result: "TrainResult") -> None:
+        """Write ``timing.json``."""
+        s = self.stats
+        s["fit_s"] = time.perf_counter() - self.t0
+        s["train_s"] = s["fit_s"] - s["eval_s"] - s["save_s"]
+        s["graphs_per_s"] = s["graphs"] / s["train_s"] if s["train_s"] > 0 else None
+        s.update(rank=trainer.rank, world_size=trainer.world, torch_threads=torch.get_num_threads(),
+                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+        name = "timing.json" if trainer.rank == 0 else f"timing.rank{trainer.rank}.json"
+        trainer.out.mkdir(parents=True, exist_ok=True)
+        (trainer.out / name).write_text(json.dumps(s, indent=1))
 
 
 class _Schedule:
@@ -238,42 +245,36 @@ class TrainResult:
     seconds: float
 
 
-LossFn = Callable[[torch.nn.Module, GraphBatch], tuple[torch.Tensor, dict[str, float]]]
-EvalFn = Callable[[torch.nn.Module, DataLoader], dict[str, float]]
-
-
 class Trainer:
     """Runs the optimisation loop for one stage and owns ``last.pt`` and ``metrics.csv``.
 
     Args:
-        model: the module to train (already on ``device``; wrapped in DDP by the caller if needed).
-        loss_fn: ``(model, batch) -> (scalar loss, {name: value})`` on a training batch.
-        eval_fn: ``(model, loader) -> {metric: value}``; must contain ``monitor``.
-        monitor: validation metric to minimise (early stopping, best model).
-        save_best: called with no arguments whenever ``monitor`` improves (rank 0 writes ``best/``).
-        train_set, val_set: datasets of shard records.
+        model: the module to train (already on ``device``); wrapped in DDP here when
+            ``world_size > 1``.
+        task: the stage's :class:`Task`.
+        train_set, val_set: indexable record datasets.
         cfg: :class:`TrainConfig`.
-        out: run directory for ``last.pt``, ``metrics.csv``.
+        out: run directory for ``last.pt``, ``metrics.csv``, ``timing.json``.
         param_groups: optional optimizer parameter groups (e.g. a separate encoder learning rate).
         rank, world_size: distributed position; only rank 0 writes files and logs.
         device: where batches go (default from ``cfg.device``).
-        collate_fn: records -> batch with a ``.to(device)`` method (default :func:`collate`).
+        callbacks: extra :class:`Callback` objects (a :class:`TimingCallback` is always added).
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, eval_fn: EvalFn, monitor: str,
-                 save_best: Callable[[], None], train_set: Any, val_set: Any, cfg: TrainConfig, out: str | Path,
+    def __init__(self, model: nn.Module, task: Task, train_set: Any, val_set: Any, cfg: TrainConfig, out: str | Path,
                  param_groups: Sequence[dict[str, Any]] | None = None, rank: int = 0, world_size: int = 1,
-                 device: torch.device | None = None, collate_fn: Callable[[list], Any] = collate) -> None:
-        self.model, self.loss_fn, self.eval_fn, self.monitor = model, loss_fn, eval_fn, monitor
-        self.save_best, self.cfg, self.out = save_best, cfg, Path(out)
+                 device: torch.device | None = None, callbacks: Sequence[Callback] = ()) -> None:
+        self.task, self.cfg, self.out = task, cfg, Path(out)
         self.rank, self.world = rank, world_size
         self.device = device or pick_device(cfg.device)
+        self.raw_model = unwrap(model)
+        self.model = model
         groups = list(param_groups) if param_groups else [{"params": [p for p in model.parameters() if p.requires_grad]}]
         lr = scaled_lr(cfg.lr, world_size, cfg.lr_scaling)
         for g in groups:
             g["lr"] = scaled_lr(g.get("lr", cfg.lr), world_size, cfg.lr_scaling)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
-        if world_size > 1 and not hasattr(model, "module"):
+        if world_size > 1 and self.model is self.raw_model:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -281,55 +282,54 @@ class Trainer:
             log.info("effective batch size %d (%d per process x %d), lr %.3g (scaling rule: %s)",
                      cfg.batch_size * world_size, cfg.batch_size, world_size, lr, cfg.lr_scaling)
         self.sampler = EpochSampler(len(train_set), cfg.seed, shuffle=True, rank=rank, world_size=world_size)
-        self.train_loader = make_loader(train_set, cfg.batch_size, self.sampler, cfg.num_workers, collate_fn=collate_fn)
+        self.train_loader = make_loader(train_set, cfg.batch_size, self.sampler, cfg.num_workers,
+                                        collate_fn=task.collate)
         # Validation is split by whole batches (batch i goes to rank i mod world): every batch is
         # the one a single process would see, so batch-wise metrics (contrastive accuracy) and the
-        # eval functions' reductions give the single-process numbers.
+        # tasks' reductions give the single-process numbers.
         val_batches = [list(range(i, min(i + cfg.batch_size, len(val_set))))
                        for i in range(0, len(val_set), cfg.batch_size)][rank::world_size]
         self.val_loader = StopSafeLoader(val_set, batch_sampler=val_batches, num_workers=cfg.num_workers,
-                                         collate_fn=collate_fn)
-        steps_per_epoch = math.ceil(len(self.sampler.order()) / cfg.batch_size)
-        self.steps_per_epoch = steps_per_epoch
-        self.schedule = _Schedule(self.optimizer, cfg, steps_per_epoch * cfg.epochs)
+                                         collate_fn=task.collate)
+        self.steps_per_epoch = math.ceil(len(self.sampler.order()) / cfg.batch_size)
+        self.schedule = _Schedule(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
         self.state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
-                      "bad_epochs": 0, "elapsed": 0.0}
+                      "bad_epochs": 0, "elapsed": 0.0, "epoch_loss_sum": 0.0, "epoch_loss_count": 0,
+                      "epoch_parts": {}}
+        self.callbacks: list[Callback] = [TimingCallback(), *callbacks]
         self._stop_signal: int | None = None
         self._writer = None
 
-    # -------------------------------------------------------------------------------- checkpoint
-    def _checkpoint(self) -> dict[str, Any]:
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(), "state": dict(self.state),
-                "rng": {"torch": torch.get_rng_state(),
-                        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-                        "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())},
-                "config": self.cfg.model_dump(mode="json"), "world_size": self.world}
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
 
+    # -------------------------------------------------------------------------------- checkpoint
     def save_last(self) -> None:
         """Write ``last.pt`` (full training state) atomically; rank 0 only."""
         if self.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "last.pt.tmp"
-        torch.save(self._checkpoint(), tmp)
-        os.replace(tmp, self.out / "last.pt")
+        self._emit("on_save_start", "last")
+        save_training_state(self.out / "last.pt", self.raw_model, self.optimizer, self.schedule.state_dict(),
+                            self.state, {"config": self.cfg.model_dump(mode="json"), "world_size": self.world})
+        self._emit("on_save", "last")
+
+    def save_best(self) -> None:
+        """Have the task write the deployable model; rank 0 only."""
+        if self.rank != 0:
+            return
+        self._emit("on_save_start", "best")
+        self.task.save_best(self.raw_model)
+        self._emit("on_save", "best")
 
     def try_resume(self) -> bool:
         """Load ``last.pt`` if present; returns True when training resumes from it."""
         path = self.out / "last.pt"
         if not path.exists():
             return False
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        model.load_state_dict(ckpt["model"], strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_training_state(path, self.raw_model, self.optimizer)
         self.schedule.load_state_dict(ckpt["schedule"])
         self.state.update(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(("MT19937", ckpt["rng"]["numpy"].numpy().astype(np.uint32), ckpt["rng"]["numpy_pos"], 0, 0.0))
-        random.setstate(_literal_state(ckpt["rng"]["python"]))
         if self.rank == 0:
             log.info("resuming from %s at epoch %d, step %d", path, self.state["epoch"], self.state["step"])
         return True
@@ -373,10 +373,23 @@ class Trainer:
         """Train until the epoch limit, early stopping, the time budget or a stop signal."""
         self.try_resume()
         self.install_signal_handlers()
+        self._emit("on_fit_start")
+        result = None
         try:
-            return self._loop()
+            result = self._loop()
+            return result
         finally:
             self.restore_signal_handlers()
+            self._emit("on_fit_end", result)
+
+    def _train_step(self, batch: Any) -> tuple[float, dict[str, float]]:
+        loss, parts = self.task.loss(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.optimizer.step()
+        return float(loss.detach()), parts
 
     def _loop(self) -> TrainResult:
         cfg = self.cfg
@@ -396,7 +409,6 @@ class Trainer:
             skip = self.state["batch_in_epoch"]
             self.sampler.set_epoch(epoch, start=skip * cfg.batch_size)
             self.model.train()
-            losses: list[float] = []
             if show_bar:
                 from tqdm import tqdm
 
@@ -404,20 +416,24 @@ class Trainer:
             for batch in self.train_loader:
                 batch = batch.to(self.device)
                 self.schedule.step(self.state["step"])
-                loss, parts = self.loss_fn(self.model, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                self.optimizer.step()
-                losses.append(float(loss.detach()))
+                loss, parts = self._train_step(batch)
+                # epoch sums live in the resumable state, so an epoch interrupted by a signal
+                # reports the mean over all of its steps, not only those after the resume
+                self.state["epoch_loss_sum"] += loss
+                self.state["epoch_loss_count"] += 1
+                for k, v in parts.items():
+                    acc = self.state["epoch_parts"].setdefault(k, [0.0, 0])
+                    if math.isfinite(v):
+                        acc[0] += v
+                        acc[1] += 1
                 self.state["step"] += 1
                 self.state["batch_in_epoch"] += 1
+                self._emit("on_step", batch, loss)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 elif self.rank == 0 and self.state["step"] % cfg.log_every == 0:
-                    log.info("epoch %d step %d loss %.5g lr %.3g", epoch, self.state["step"], losses[-1],
+                    log.info("epoch %d step %d loss %.5g lr %.3g", epoch, self.state["step"], loss,
                              self.optimizer.param_groups[0]["lr"])
                 over_budget = cfg.max_minutes is not None and time.time() - t_start > cfg.max_minutes * 60
                 if self.world > 1:  # every rank must stop at the same step, or DDP deadlocks
@@ -440,14 +456,16 @@ class Trainer:
                                 self._stop_signal, self.out / "last.pt", self.state["step"])
                 break
             # epoch (or budget-truncated epoch) finished: validate
-            metrics = self.eval_fn(self.model, self.val_loader)
-            value = metrics[self.monitor]
+            self._emit("on_eval_start")
+            self.raw_model.eval()
+            metrics = self.task.evaluate(self.raw_model, self.val_loader)
+            self._emit("on_eval", epoch, metrics)
+            value = metrics[self.task.monitor]
             self.schedule.epoch_end(value)
             improved = value < self.state["best"]
             if improved:
                 self.state["best"], self.state["best_epoch"], self.state["bad_epochs"] = value, epoch, 0
-                if self.rank == 0:
-                    self.save_best()
+                self.save_best()
             else:
                 self.state["bad_epochs"] += 1
             self.state["epoch"] = epoch + 1
@@ -456,13 +474,16 @@ class Trainer:
                 # the mean over ranks, so that every rank anneals on the same horizon
                 self.schedule.fit_budget(self.state["step"], all_reduce_mean(time.time() - t_start, self.device),
                                          cfg.max_minutes * 60)
-            train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), self.device)
+            count = self.state["epoch_loss_count"]
+            train_loss = all_reduce_mean(self.state["epoch_loss_sum"] / count if count else float("nan"), self.device)
+            parts = {f"train_{k}": all_reduce_mean(s / n if n else float("nan"), self.device)
+                     for k, (s, n) in sorted(self.state["epoch_parts"].items())}
+            self.state["epoch_loss_sum"], self.state["epoch_loss_count"], self.state["epoch_parts"] = 0.0, 0, {}
             row = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"],
-                   "train_loss": train_loss, **metrics,
-                   "seconds": round(time.time() - t_start, 2)}
+                   "train_loss": train_loss, **parts, **metrics, "seconds": round(time.time() - t_start, 2)}
             self._log_metrics(row)
             if self.rank == 0:
-                log.info("epoch %d: train_loss %.5g, %s %.5g%s", epoch, row["train_loss"], self.monitor, value,
+                log.info("epoch %d: train_loss %.5g, %s %.5g%s", epoch, row["train_loss"], self.task.monitor, value,
                          " (best)" if improved else "")
             self.save_last()
             if stopped_by == "time_budget":
@@ -475,10 +496,3 @@ class Trainer:
             self._writer.close()
         return TrainResult(self.state["best"], self.state["best_epoch"], self.state["epoch"], self.state["step"],
                            stopped_by, time.time() - t_start)
-
-
-def _literal_state(text: str) -> tuple:
-    """Parse ``repr(random.getstate())`` back (a tuple of ints and None only, no eval)."""
-    import ast
-
-    return ast.literal_eval(text)

@@ -2,28 +2,24 @@
 from __future__ import annotations
 
 import csv
-
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from pipeline import MolmatError
-from pipeline.graphs import collate
+from pipeline.checkpoint import ENCODER, PROPERTY_MODEL, load_model_dir
+from pipeline.graphs import GraphBatch, collate
+from pipeline.inputs import ERROR, featurized_inputs
 
 
-def _embedder(path: str | Path, which: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
-    """(callable batch -> (B, D) embeddings, preprocess config) for an encoder or model directory."""
-    p = Path(path)
-    if (p / "encoder.pt").exists():
-        from pretrain import load_encoder
-
-        enc = load_encoder(p, which).to(device)
-        return (lambda b: enc(b.to(device))[0]), enc.meta["preprocess"]
-    from finetune.io import load_model
-
-    model = load_model(p).to(device)
+def _embedder(path: str | Path, which: str, device: torch.device) -> tuple[Callable[[GraphBatch], torch.Tensor], dict[str, Any]]:
+    """(batch -> (B, D) embeddings, preprocess config) for an encoder or property-model directory."""
+    model = load_model_dir(path, [ENCODER, PROPERTY_MODEL], device)
+    if model.meta["format"] == ENCODER:
+        enc = model.encoder2d if which == "2d" else model.encoder3d
+        return (lambda b: enc(b.to(device))[0]), model.meta["preprocess"]
     return (lambda b: model.embed(b.to(device))), model.meta["preprocess"]
 
 
@@ -34,10 +30,11 @@ def embed(path: str | Path, inputs: list[str], out: str | Path, which: str = "2d
 
     ``.npz`` holds ``ids``, ``sources``, ``errors`` (empty string when fine) as unicode arrays and
     ``embeddings`` (n, D) float32 (NaN rows for inputs that failed); it loads with
-    ``np.load(allow_pickle=False)``.
+    ``np.load(allow_pickle=False)``. ``which`` picks the 2D or 3D encoder of an encoder
+    directory; a property model gives its (concatenated) pooled embedding.
     """
-    from finetune.predict import featurized_inputs
-
+    if which not in ("2d", "3d"):
+        raise MolmatError(f"which must be '2d' or '3d', not {which!r}")
     fn, preprocess = _embedder(path, which, torch.device(device))
     ids, sources, errors, rows = [], [], [], []
     pending: list[tuple[int, dict[str, Any]]] = []
@@ -53,9 +50,9 @@ def embed(path: str | Path, inputs: list[str], out: str | Path, which: str = "2d
     for rec in featurized_inputs(inputs, preprocess, fmt):
         ids.append(str(rec["_id"]))
         sources.append(str(rec["_source"]))
-        errors.append(rec.get("_error", ""))
+        errors.append(rec.get(ERROR, ""))
         rows.append(None)
-        if "_error" not in rec:
+        if ERROR not in rec:
             pending.append((len(rows) - 1, rec))
             if len(pending) >= batch_size:
                 flush()
@@ -76,5 +73,3 @@ def embed(path: str | Path, inputs: list[str], out: str | Path, which: str = "2d
         np.savez(out, ids=np.array(ids, dtype=str), sources=np.array(sources, dtype=str),
                  errors=np.array(errors, dtype=str), embeddings=matrix.astype(np.float32))
     return len(ids)
-
-

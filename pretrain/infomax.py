@@ -14,12 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from pipeline.featurize import molecule_neighbours
+from pipeline.neighbours import molecule_neighbours
 from pipeline.graphs import GraphBatch, collate
-from pipeline.models import build_encoder
 
 
 @dataclass
@@ -42,12 +39,16 @@ class PretrainBatch:
 
 
 def conformer_records(rec: dict[str, Any], cutoff: float) -> list[dict[str, Any]]:
-    """One record per stored extra conformer, with the neighbour graph recomputed for it."""
+    """One record per stored extra conformer (``conformers`` (K, N, 3)), each a molecule record
+    whose ``pos`` (N, 3) is that conformer and whose neighbour graph (``nbr_index`` (2, E),
+    ``nbr_image`` (E, 3) zeros) is rebuilt within ``cutoff`` (Angstrom) by the same search as
+    featurisation (:func:`pipeline.neighbours.molecule_neighbours`), from the arrays alone."""
     out = []
     for conf in rec.get("conformers", np.zeros((0, 0, 3)))[:]:
-        src, dst = molecule_neighbours(conf.astype(np.float64), cutoff)
-        view = {k: v for k, v in rec.items() if k not in ("conformers",)}
-        view.update(pos=conf.astype(np.float64), nbr_index=np.stack([src, dst]).astype(np.int32),
+        pos = conf.astype(np.float64)
+        src, dst = molecule_neighbours(pos, cutoff)
+        view = {k: v for k, v in rec.items() if k != "conformers"}
+        view.update(pos=pos, nbr_index=np.stack([src, dst]).astype(np.int32),
                     nbr_image=np.zeros((src.size, 3), dtype=np.int8))
         out.append(view)
     return out
@@ -69,30 +70,6 @@ def make_collate(molecule_cutoff: float, use_conformers: bool) -> Any:
                 owner += [i] * len(extra)
         return PretrainBatch(collate(records), collate(views), torch.tensor(owner, dtype=torch.long))
     return collate_pretrain
-
-
-def _projection(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, d_out))
-
-
-class InfomaxModel(nn.Module):
-    """2D MPNN and 3D SchNet with projection heads.
-
-    ``forward(batch)`` returns (z2d (B, proj_dim), z3d (M, proj_dim)), L2-normalised.
-    """
-
-    def __init__(self, mpnn_cfg: Any, schnet_cfg: Any, proj_hidden: int, proj_dim: int) -> None:
-        super().__init__()
-        self.encoder2d = build_encoder("mpnn", mpnn_cfg)
-        self.encoder3d = build_encoder("schnet", schnet_cfg)
-        self.proj2d = _projection(self.encoder2d.out_dim, proj_hidden, proj_dim)
-        self.proj3d = _projection(self.encoder3d.out_dim, proj_hidden, proj_dim)
-
-    def forward(self, batch: PretrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, proj_dim) projected 2D embeddings and (M, proj_dim) projected 3D views, unit length."""
-        z2 = self.proj2d(self.encoder2d(batch.graphs)[0])
-        z3 = self.proj3d(self.encoder3d(batch.views)[0])
-        return F.normalize(z2, dim=-1), F.normalize(z3, dim=-1)
 
 
 def nt_xent(z2d: torch.Tensor, z3d: torch.Tensor, owner: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -65,3 +65,39 @@ def test_config_yaml_documents_every_key_at_its_default():
 
     missing = set(keys({k: v for k, v in defaults.items() if k != "run"})) - set(keys(raw))
     assert not missing, f"config.yaml does not show {sorted(missing)}"
+
+
+def test_molmat_0_1_model_layout_is_translated_with_a_deprecation_line(tmp_path, caplog):
+    """Old config files and old --set overrides (job scripts carry them) still mean what they meant."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  encoder: both\n  mpnn: {hidden: 32, steps: 2}\n  schnet: {cutoff: 4.0}\n"
+                   "finetune:\n  head_hidden: 16\n  dropout: 0.1\n")
+    with caplog.at_level("WARNING", logger="molmat.config"):
+        cfg = load_config(old)
+    assert "deprecated config keys" in caplog.text and "model.encoder=both" in caplog.text
+    assert (cfg.model.encoder2d.name, cfg.model.encoder2d.hidden, cfg.model.encoder2d.steps) == ("mpnn", 32, 2)
+    assert (cfg.model.encoder3d.name, cfg.model.encoder3d.cutoff) == ("schnet", 4.0)
+    assert (cfg.model.heads.hidden, cfg.model.heads.dropout) == (16, 0.1)
+    assert cfg.pretrain.encoder3d.cutoff == 4.0  # model.schnet also configured pretraining's 3D encoder
+
+    cfg = load_config(None, ["model.encoder=schnet", "model.schnet.hidden=16"])
+    assert cfg.model.encoder2d is None and cfg.model.encoder3d.hidden == 16
+    cfg = load_config(None, ["model.mpnn.hidden=16", "model.schnet.cutoff=8.0"])
+    # the 3D slot stays empty, as model.encoder: mpnn (the default) left it; pretraining takes the cutoff
+    assert cfg.model.encoder2d.hidden == 16 and cfg.model.encoder3d is None and cfg.pretrain.encoder3d.cutoff == 8.0
+    with pytest.raises(MolmatError, match="must be mpnn, schnet or both"):
+        load_config(None, ["model.encoder=gcn"])
+
+
+def test_encoder_slots_are_checked_by_view_and_default_names():
+    cfg = load_config(None, ["model.encoder3d.cutoff=4.5"])  # an empty slot filled without a name: schnet
+    assert cfg.model.encoder3d.name == "schnet" and cfg.model.encoder2d.name == "mpnn"
+    with pytest.raises(MolmatError, match="model.encoder2d needs an encoder of the 2d graph; 'schnet'"):
+        load_config(None, ["model.encoder2d.name=schnet"])  # switching the name drops the MPNN's settings
+    with pytest.raises(MolmatError, match="unknown key 'model.encoder2d.mpnn.cutof'"):
+        load_config(None, ["model.encoder2d.cutof=3"])
+    with pytest.raises(MolmatError, match="both null"):
+        load_config(None, ["model.encoder2d=null"])
+    with pytest.raises(MolmatError, match="encoder2d"):
+        load_config(None, ["model.encoder2d.name=gin"])
+    assert load_config(None, ["model.encoder2d=null", "model.encoder3d.name=schnet"]).model.slots().keys() == {"encoder3d"}

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.distributed import DistEnv, detect, first_slurm_host, scaled_lr
 
-SMALL = ["model.mpnn.hidden=16", "model.mpnn.steps=2", "finetune.head_hidden=16", "train.warmup_steps=2",
+SMALL = ["model.encoder2d.hidden=16", "model.encoder2d.steps=2", "model.heads.hidden=16", "train.warmup_steps=2",
          "train.log_every=1000", "train.epochs=2", "finetune.targets=[gap_Ha]"]
 
 
@@ -33,6 +33,7 @@ def _sets(items):
     return [x for kv in items for x in ("--set", kv)]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(qm9_shards, tmp_path):
     one = subprocess.run([sys.executable, "-m", "pipeline.cli", "finetune", "--data", str(qm9_shards), "--out",
                           str(tmp_path / "one")] + _sets(SMALL + ["train.batch_size=32"]), capture_output=True, text=True)
@@ -74,18 +75,20 @@ def test_launcher_detection(monkeypatch):
     assert scaled_lr(1e-3, 4, "linear") == 4e-3 and scaled_lr(1e-3, 4, "sqrt") == 2e-3 and scaled_lr(1e-3, 4, "none") == 1e-3
 
 
+@pytest.mark.slow
 def test_two_process_pretraining_runs(qm9_shards, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                         "-m", "pipeline.cli", "pretrain", "--data", str(qm9_shards), "--out", str(tmp_path / "enc")]
-                       + _sets(["model.mpnn.hidden=16", "model.mpnn.steps=1", "model.schnet.hidden=16",
-                                "model.schnet.interactions=1", "train.epochs=1", "train.batch_size=32"]),
+                       + _sets(["model.encoder2d.hidden=16", "model.encoder2d.steps=1", "pretrain.encoder3d.hidden=16",
+                                "pretrain.encoder3d.interactions=1", "train.epochs=1", "train.batch_size=32"]),
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "enc" / "encoder.pt").exists()
+    assert (tmp_path / "enc" / "model.safetensors").exists()
     assert r.stdout.count("pretrain: 1 epoch(s)") == 1, "only rank 0 reports"
 
 
+@pytest.mark.slow
 def test_srun_style_launch_matches_torchrun(qm9_shards, tmp_path):
     """What `srun molmat finetune` starts: N copies of the same command told apart only by SLURM_*."""
     args = ["finetune", "--data", str(qm9_shards)] + _sets(SMALL + ["train.batch_size=16", "train.epochs=1"])
@@ -156,6 +159,7 @@ def _assert_same_last_weights(a_dir, b_dir):
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
 
 
+@pytest.mark.slow
 def test_single_node_template_requeues_on_signal_and_resumes_to_the_same_weights(qm9_shards, tmp_path):
     """hpc/train_1node.sbatch under bash with torchrun on CPU: signal, requeue, rerun == uninterrupted."""
     import signal
@@ -197,6 +201,7 @@ sys.exit(0 if threads() == start else 3)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_teardown_joins_gloo_threads_before_interpreter_shutdown(tmp_path):
     """Gloo threads alive at exit abort the process now and then; teardown must stop them."""
@@ -227,6 +232,7 @@ exit $st
 '''
 
 
+@pytest.mark.slow
 def test_multinode_template_requeues_when_tasks_are_signalled_and_resumes(qm9_shards, tmp_path):
     """hpc/train_multinode.sbatch with a stand-in srun: USR1 to the tasks, requeue, rerun == uninterrupted."""
     import signal

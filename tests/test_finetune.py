@@ -19,12 +19,13 @@ from pipeline.graphs import collate
 from pipeline.shards import ShardDataset
 from finetune import load_model
 from finetune.evaluate import evaluate
-from finetune.model import PropertyModel, target_specs
+from finetune.losses import masked_loss, task_losses
 from finetune.predict import predict
-from finetune.train import finetune, masked_loss
+from finetune.train import finetune
+from pipeline.config import ModelConfig
+from pipeline.models.property import PropertyModel, target_specs
 
-SMALL = ["model.mpnn.hidden=16", "model.mpnn.steps=2", "model.schnet.hidden=16", "model.schnet.interactions=2",
-         "finetune.head_hidden=16", "train.batch_size=32", "train.warmup_steps=2", "train.log_every=1000"]
+SMALL = ["model.encoder2d.hidden=16", "model.encoder2d.steps=2", "model.heads.hidden=16", "train.batch_size=32", "train.warmup_steps=2", "train.log_every=1000"]
 
 
 def _cfg(*extra):
@@ -39,6 +40,10 @@ def test_masked_loss_ignores_missing_labels():
     assert loss.item() == pytest.approx(2.0)  # (0 + 4) / 2 on target 0; target 1 has no labels
     mask[0, 1] = True
     assert masked_loss(pred, target, mask, torch.ones(2)).item() == pytest.approx((2.0 + 25.0) / 2)
+    # one loss per target: what curvature analysis and loss weighting act on
+    losses, count = task_losses(pred, target, mask)
+    assert losses.tolist() == pytest.approx([2.0, 25.0]) and count.tolist() == [2, 1]
+    assert masked_loss(pred, target, mask, torch.tensor([3.0, 1.0])).item() == pytest.approx((3 * 2.0 + 25.0) / 4)
 
 
 def test_normaliser_round_trip_with_element_refs_and_log10(qm9_shards, mp_shards):
@@ -46,7 +51,8 @@ def test_normaliser_round_trip_with_element_refs_and_log10(qm9_shards, mp_shards
         ds = ShardDataset(shards)
         names = ds.targets
         specs = target_specs(ds.manifest["targets"], wanted, None, None, {})
-        model = PropertyModel("mpnn", {"hidden": 8, "steps": 1}, {}, specs, 8, 2)
+        model = PropertyModel(ModelConfig.model_validate({"encoder2d": {"hidden": 8, "steps": 1},
+                                                          "heads": {"hidden": 8}}), specs)
         cols = [names.index(w) for w in wanted]
         recs = [dict(ds[i], y=ds[i]["y"][cols]) for i in range(120)]
         batches = [collate(recs[i:i + 40]) for i in range(0, 120, 40)]
@@ -114,7 +120,13 @@ def test_predict_bad_file_gives_error_row_and_other_rows(trained_qm9, tmp_path):
 def test_evaluate_writes_metrics_and_parity_plots(trained_qm9, qm9_shards, tmp_path):
     m = evaluate(trained_qm9, qm9_shards, "all", tmp_path / "ev")
     assert m["records"] == 300 and m["targets"]["gap_Ha"]["count"] == 300
-    assert m["targets"]["gap_Ha"]["unit"] == "Ha" and m["targets"]["gap_Ha"]["mae"] > 0
+    assert m["targets"]["gap_Ha"]["unit"] == "Ha"
+    # metrics.json agrees with the predictions it was computed from, recomputed here independently
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "predictions.csv")))
+    err = np.array([float(r["gap_Ha_pred"]) - float(r["gap_Ha_true"]) for r in rows])
+    assert len(rows) == 300
+    assert m["targets"]["gap_Ha"]["mae"] == pytest.approx(np.abs(err).mean(), rel=1e-9)
+    assert m["targets"]["gap_Ha"]["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-9)
     png = (tmp_path / "ev" / "parity_gap_Ha.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -132,15 +144,26 @@ def test_evaluate_cli_writes_resolved_config_and_same_metrics(trained_qm9, qm9_s
     assert got["targets"]["gap_Ha"]["mae"] == pytest.approx(direct["targets"]["gap_Ha"]["mae"], rel=1e-9)
 
 
-def test_model_refuses_shards_with_other_featurisation(trained_qm9, tmp_path):
+def test_featurisation_check_compares_what_the_model_reads(trained_qm9, qm9_shards, tmp_path):
     from pipeline.preprocess import preprocess
 
     other = tmp_path / "other"
     preprocess([str(DATASETS / "qm9" / "xyz")], other, load_config(None, ["preprocess.molecule.cutoff=4.0"]), workers=0)
-    with pytest.raises(MolmatError, match="molecule_cutoff: model 5.0 vs shards 4.0"):
-        evaluate(trained_qm9, other, "test")
+    # a 2D-only model never reads the 3D neighbour graph: another 3D cutoff gives the same graphs and numbers
+    same = evaluate(trained_qm9, other, "test", tmp_path / "e1")
+    ref = evaluate(trained_qm9, qm9_shards, "test", tmp_path / "e2")
+    assert same["targets"]["gap_Ha"]["mae"] == ref["targets"]["gap_Ha"]["mae"]
+    # a model directory that claims other atom feature columns is refused, naming the setting
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_qm9 / "best", model_dir)
+    conf = json.loads((model_dir / "config.json").read_text())
+    conf["featurization"]["atom_columns"] = conf["featurization"]["atom_columns"][:-1]
+    (model_dir / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(MolmatError, match="atom_columns: model"):
+        evaluate(model_dir, other, "test", tmp_path / "e3")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_then_rerun_gives_the_same_weights(qm9_shards, tmp_path, workers):
     """Kill a run with SIGTERM mid-training; re-running the command ends with identical weights.
@@ -183,22 +206,30 @@ def test_sigterm_then_rerun_gives_the_same_weights(qm9_shards, tmp_path, workers
     assert a["state"]["step"] == b["state"]["step"]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    assert (tmp_path / "full" / "best" / "model.pt").exists() and (part / "best" / "model.pt").exists()
+    assert (tmp_path / "full" / "best" / "model.safetensors").exists() and (part / "best" / "model.safetensors").exists()
 
 
 def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
-    cfg = _cfg("train.epochs=1", "model.encoder=both", "model.schnet.cutoff=8.0")
+    cfg = _cfg("train.epochs=1", "model.encoder3d.name=schnet", "model.encoder3d.cutoff=8.0", "model.encoder3d.hidden=16")
     finetune(mp_shards, tmp_path / "mp", cfg)
     m = evaluate(tmp_path / "mp", mp_shards, "test")
     assert set(m["targets"]) == {"band_gap_eV", "formation_energy_per_atom_eV", "K_VRH_GPa", "G_VRH_GPa"}
     assert m["targets"]["K_VRH_GPa"]["count"] < m["targets"]["band_gap_eV"]["count"]
     assert "log10" in m["targets"]["K_VRH_GPa"]
     out = tmp_path / "p.csv"
-    cif = tmp_path / "x.cif"
-    cif.write_text(next(iter(mp_cif_texts(1).values())))
+    mp_id, text = next(iter(mp_cif_texts(1).items()))
+    cif = tmp_path / f"{mp_id}.cif"
+    cif.write_text(text)
     predict(tmp_path / "mp", [str(cif)], out)
     row = next(csv.DictReader(open(out)))
-    assert float(row["K_VRH_GPa"]) > 0 and row["error"] == ""
+    assert row["error"] == ""
+    # the CSV holds the model's prediction for that crystal, in GPa (not log10), as evaluate computes it
+    ds = ShardDataset(mp_shards)
+    rec = next(ds[i] for i in range(len(ds)) if ds[i]["_id"] == cif.stem)
+    model = load_model(tmp_path / "mp")
+    expected = model.predict(collate([dict(rec, y=rec["y"][:len(model.targets)])]))[0]
+    got = [float(row[t.name]) for t in model.targets]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
 
 
 def test_max_train_uses_a_nested_seeded_subset(qm9_shards, tmp_path):
@@ -208,6 +239,7 @@ def test_max_train_uses_a_nested_seeded_subset(qm9_shards, tmp_path):
         assert state["step"] == -(-n // 32)  # one epoch over n records in batches of 32
 
 
+@pytest.mark.slow
 def test_molmat_run_end_to_end(tmp_path):
     """The README's main command on the shipped samples, with a tiny budget."""
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--out", str(tmp_path / "run"),

@@ -13,10 +13,11 @@ from pydantic import ValidationError
 
 import dgl
 from pipeline import MolmatError
+from pipeline import testing as T
 from pipeline.config import PreprocessConfig
 from pipeline.featurize import featurize
 from pipeline.graphs import BOND_DIM, GraphBatch, collate
-from pipeline.models import ENCODERS, MPNN, MPNNConfig, SchNet, SchNetConfig, build_encoder
+from pipeline.models import ENCODERS, MPNN, MPNNConfig, SchNet, SchNetConfig, build_encoder, check_encoder_cutoff
 from pipeline.models import mpnn as mpnn_module
 from pipeline.models.mpnn import EDGE_TYPES, add_virtual_edges, edge_types
 from pipeline.readers import RawRecord
@@ -61,31 +62,10 @@ def mp_structures(datasets_dir: Path) -> list[Any]:
     return out
 
 
-def permute_record(rec: dict[str, Any], perm: np.ndarray) -> dict[str, Any]:
-    """Same structure with atom ``perm[i]`` moved to position ``i``; every index array remapped."""
-    new_index = np.empty_like(perm)
-    new_index[perm] = np.arange(len(perm))
-    out = dict(rec)
-    for key in ("z", "atom_feat", "pos"):
-        if key in rec:
-            out[key] = rec[key][perm]
-    for key in ("bond_index", "nbr_index"):
-        if key in rec:
-            out[key] = new_index[rec[key]].astype(rec[key].dtype)
-    return out
-
-
 def crystal_record(structure: Any) -> dict[str, Any]:
     """Featurise a pymatgen Structure exactly as preprocessing does (with :data:`CRYSTAL_CFG`)."""
     raw = RawRecord(source="test", rid="x", kind="crystal", fmt="pymatgen", data=structure.as_dict(), labels={})
     return featurize(raw, [], CRYSTAL_CFG)
-
-
-def random_rotation(seed: int) -> np.ndarray:
-    """A proper rotation matrix (3, 3) from a QR decomposition."""
-    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
 
 
 def unlabelled(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,14 +148,13 @@ def test_mpnn_permutation_invariance(message: str, option: dict, qm9_records: li
     molecules = [r for r in qm9_records if len(r["z"]) >= 9][:3]
     records = unlabelled(molecules + [r for r in mp_records if len(r["z"]) >= 4][:1])
     perms = [rng.permutation(len(r["z"])) for r in records]
-    permuted = [permute_record(r, p) for r, p in zip(records, perms)]
+    permuted = [T.permute(r, p) for r, p in zip(records, perms)]
     net = _mpnn(message=message, **option)
     with torch.no_grad():
         graph, nodes = net(collate(records))
         graph_p, nodes_p = net(collate(permuted))
     _close(graph, graph_p)
-    offsets = np.concatenate([[0], np.cumsum([len(r["z"]) for r in records])[:-1]])
-    order = torch.from_numpy(np.concatenate([p + o for p, o in zip(perms, offsets)]))
+    order = torch.from_numpy(T.batch_node_order(perms))
     _close(nodes[order], nodes_p)  # node states are equivariant
     assert not torch.allclose(nodes[order], nodes)
 
@@ -267,40 +246,36 @@ def test_schnet_shapes(qm9_records: list, mp_records: list) -> None:
 def test_schnet_molecule_rotation_translation_permutation(qm9_records: list) -> None:
     records = [r for r in qm9_records if len(r["z"]) >= 9][:4]
     net = _schnet()
-    rot = random_rotation(0)
-    moved = [dict(r, pos=r["pos"] @ rot.T + np.array([3.1, -7.2, 0.4])) for r in records]
-    rng = np.random.default_rng(2)
-    permuted = [permute_record(r, rng.permutation(len(r["z"]))) for r in records]
+    rot = T.random_rotation(0)
     with torch.no_grad():
-        ref, _ = net(collate(records))
-        _close(ref, net(collate(moved))[0])
-        _close(ref, net(collate(permuted))[0])
+        T.assert_invariant(lambda rs: net(collate(rs))[0], records, {
+            "rotation and translation": lambda r: T.translate(T.rotate(r, rot), [3.1, -7.2, 0.4]),
+            "permutation": lambda r: T.permute(r, T.random_permutation(r, seed=2)),
+        }, atol=1e-4, rtol=1e-4)
         # a geometry change the model should see, so the checks above can fail
+        ref, _ = net(collate(records))
         bent = [dict(r, pos=r["pos"] * 1.05) for r in records]
         assert (net(collate(bent))[0] - ref).abs().max() > 1e-3
 
 
 def test_schnet_crystal_cell_choice(mp_structures: list) -> None:
     """Same crystal, other cells: 2x1x1 supercell, another basis, atoms shifted and wrapped, rotated."""
-    from pymatgen.core import Lattice, Structure
-
     net_mean, net_sum = _schnet(cutoff=5.0), _schnet(cutoff=5.0, readout="sum")
-    rot = random_rotation(3)
-    variants: dict[str, list[Any]] = {"super": [], "basis": [], "wrapped": [], "rotated": []}
-    for s in mp_structures:
-        variants["super"].append(s.copy().make_supercell([2, 1, 1], in_place=False))
-        variants["basis"].append(s.copy().make_supercell([[1, 1, 0], [0, 1, 0], [0, 0, 1]], in_place=False))
-        variants["wrapped"].append(Structure(s.lattice, s.species, (s.frac_coords + 0.37) % 1.0))
-        variants["rotated"].append(Structure(Lattice(s.lattice.matrix @ rot.T), s.species, s.frac_coords))
-    base = collate([crystal_record(s) for s in mp_structures])
+    rot = T.random_rotation(3)
+    variants = {
+        "super": lambda r: T.supercell(r, (2, 1, 1), CRYSTAL_CFG),
+        "basis": lambda r: T.supercell(r, [[1, 1, 0], [0, 1, 0], [0, 0, 1]], CRYSTAL_CFG),
+        "wrapped": lambda r: T.wrap(T.translate(r, np.full(3, 0.37) @ r["cell"])),
+        "rotated": lambda r: T.rotate(r, rot),
+    }
+    records = [crystal_record(s) for s in mp_structures]
     with torch.no_grad():
-        ref, ref_sum = net_mean(base)[0], net_sum(base)[0]
+        ref, ref_sum = net_mean(collate(records))[0], net_sum(collate(records))[0]
         assert torch.cdist(ref, ref).fill_diagonal_(1.0).min() > 1e-3  # the crystals are told apart
-        for name, structures in variants.items():
-            batch = collate([crystal_record(s) for s in structures])
-            _close(ref, net_mean(batch)[0])
+        T.assert_invariant(lambda rs: net_mean(collate(rs))[0], records, variants, atol=1e-4, rtol=1e-4)
+        for name, variant in variants.items():
             factor = 2.0 if name == "super" else 1.0  # sum readout is extensive
-            _close(factor * ref_sum, net_sum(batch)[0])
+            _close(factor * ref_sum, net_sum(collate([variant(r) for r in records]))[0])
 
 
 def test_schnet_ignores_edges_beyond_its_cutoff(qm9_records: list) -> None:
@@ -375,9 +350,10 @@ def test_schnet_needs_3d(qm9_records: list) -> None:
     batch.g3d = None
     with pytest.raises(MolmatError, match="3D"):
         _schnet()(batch)
-    with pytest.raises(MolmatError, match="cutoff"):
-        _schnet(cutoff=6.0).check_cutoff(5.0)
-    _schnet(cutoff=5.0).check_cutoff(5.0)
+    with pytest.raises(MolmatError, match="cutoff 6.0 A exceeds the neighbour cutoff 5.0 A of the shards"):
+        check_encoder_cutoff(SchNetConfig(cutoff=6.0), 5.0, "the shards")
+    check_encoder_cutoff(SchNetConfig(cutoff=5.0), 5.0, "the shards")
+    check_encoder_cutoff(MPNNConfig(), 0.1, "the shards")  # a 2D encoder has no cutoff of its own
 
 
 # ------------------------------------------------------------------------------- configs, build
@@ -387,6 +363,9 @@ def test_build_encoder_and_configs() -> None:
     assert isinstance(net, MPNN) and net.out_dim == 8
     assert isinstance(build_encoder("schnet", SchNetConfig(hidden=8)), SchNet)
     assert build_encoder("mpnn", None).out_dim == 128  # defaults: hidden 64, set2set
+    # by config alone: the name inside picks the encoder
+    assert isinstance(build_encoder({"name": "schnet", "hidden": 8}), SchNet)
+    assert build_encoder(MPNNConfig(hidden=4, readout="mean")).out_dim == 4
     with pytest.raises(MolmatError, match="mpnn, schnet"):
         build_encoder("gin", {})
     with pytest.raises(MolmatError, match="hiden"):

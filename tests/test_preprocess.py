@@ -18,7 +18,7 @@ from helpers import DATASETS, mp_cif_texts, qm9_files, records_equal
 from pipeline import MolmatError
 from pipeline.config import load_config
 from pipeline.preprocess import preprocess
-from pipeline.shards import ShardDataset, load_manifest
+from pipeline.shards import ShardDataset, dataset_has_coordinates, dataset_kinds, load_manifest
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 
@@ -73,6 +73,7 @@ def test_bad_inputs_go_to_rejects_and_the_rest_is_written(tmp_path):
     assert json.loads((tmp_path / "cif_shards" / "rejects.jsonl").read_text())["id"] == victim
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_shards(tmp_path):
     src = str(DATASETS / "mp" / "cifs.tar.gz")
     ref = tmp_path / "ref"
@@ -123,6 +124,8 @@ def test_parts_merged_equal_one_run(tmp_path):
     merged = tmp_path / "merged"
     merge(parts, merged, cfg)
     assert _all_records(merged) == _all_records(whole)
+    for key in ("kinds", "coordinates", "records"):
+        assert load_manifest(merged)[key] == load_manifest(whole)[key]
     assert (merged / "split.json").read_text() == (whole / "split.json").read_text()
     assert json.loads((merged / "stats.json").read_text()) == json.loads((whole / "stats.json").read_text())
     sizes_before = {p: p.stat().st_size for d in parts for p in d.glob("data.*.lmdb")}
@@ -160,6 +163,9 @@ def test_mixed_molecules_and_crystals_in_one_directory(tmp_path):
     ds = ShardDataset(out)
     kinds = {ds[i]["_kind"] for i in range(len(ds))}
     assert kinds == {"molecule", "crystal"} and s.records == 61
+    manifest = load_manifest(out)
+    assert manifest["kinds"] == ["crystal", "molecule"] and manifest["coordinates"] == "all"
+    assert dataset_kinds(manifest) == ["crystal", "molecule"]
     from pipeline.graphs import collate
 
     batch = collate([ds[0], ds[len(ds) - 1]])
@@ -167,6 +173,7 @@ def test_mixed_molecules_and_crystals_in_one_directory(tmp_path):
     assert np.isnan(ds[0]["y"][[t["name"] for t in s.targets].index("band_gap_eV")])
 
 
+@pytest.mark.slow
 def test_preprocess_array_template_parts_merge_to_one_run(tmp_path):
     """hpc/preprocess_array.sbatch run as two array tasks (srun stood in), merged == one unsplit run."""
     bindir = Path(sys.executable).parent
@@ -192,3 +199,61 @@ def test_preprocess_array_template_parts_merge_to_one_run(tmp_path):
     whole = tmp_path / "whole"
     preprocess([src], whole, load_config(None, ["preprocess.shard_size=40"]), workers=0)
     assert _all_records(tmp_path / "all") == _all_records(whole)
+
+
+def test_manifest_says_which_records_have_coordinates(tmp_path):
+    """SMILES without embedding have no coordinates: 'none' alone, 'some' beside an SDF."""
+    rows = (DATASETS / "qm8" / "qm8_sample.csv").read_text().splitlines()
+    csv_file = tmp_path / "qm8.csv"
+    csv_file.write_text("\n".join(rows[:9]) + "\n")
+    no_embed = ["preprocess.molecule.embed_smiles=false"]
+    flat = tmp_path / "flat"
+    preprocess([str(csv_file)], flat, load_config(None, no_embed), workers=0)
+    assert load_manifest(flat)["coordinates"] == "none" == dataset_has_coordinates(load_manifest(flat))
+    both = tmp_path / "both"
+    preprocess([str(csv_file), str(DATASETS / "qm9" / "qm9_mini.sdf")], both, load_config(None, no_embed), workers=0)
+    manifest = load_manifest(both)
+    assert manifest["kinds"] == ["molecule"] and manifest["coordinates"] == "some"
+    # manifests written before these facts were kept: the same answers from the input formats
+    old = {k: v for k, v in manifest.items() if k not in ("kinds", "coordinates")}
+    assert dataset_kinds(old) == ["molecule"] and dataset_has_coordinates(old) == "some"
+
+
+def test_unexpected_error_fails_the_run_after_writing_everything(tmp_path, monkeypatch):
+    """A bug (not bad data) that rejects records must not end in exit 0 with a quiet rejects.jsonl."""
+    import pipeline.preprocess as pre
+
+    real = pre.featurize
+
+    def buggy(raw, targets, cfg):
+        if raw.rid == "000464":
+            return {}["no such key"]  # what a code bug looks like: KeyError, not RecordError
+        return real(raw, targets, cfg)
+
+    monkeypatch.setattr(pre, "featurize", buggy)
+    out = tmp_path / "s"
+    with pytest.raises(MolmatError, match=r"1 record\(s\) were rejected by an unexpected error") as info:
+        preprocess([str(DATASETS / "qm9" / "xyz")], out, load_config(None, ["preprocess.shard_size=100"]), workers=0)
+    assert "dsgdb9nsd_000464.xyz [000464]" in str(info.value) and "KeyError" in str(info.value)
+    manifest = load_manifest(out)  # written before the error: nothing is lost
+    assert manifest["records"] == 299 and manifest["rejected"] == 1 and len(manifest["shards"]) == 3
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert reject["id"] == "000464" and reject["unexpected"] is True
+    # a rerun of the same command reuses the shards and fails the same way
+    with pytest.raises(MolmatError, match="unexpected error"):
+        preprocess([str(DATASETS / "qm9" / "xyz")], out, load_config(None, ["preprocess.shard_size=100"]), workers=0)
+
+
+def test_all_records_rejected_is_an_error_with_exit_code(tmp_path):
+    cif_dir = tmp_path / "cifs"
+    cif_dir.mkdir()
+    for rid, text in mp_cif_texts(5).items():
+        (cif_dir / f"{rid}.cif").write_text(text)
+    out = tmp_path / "none"
+    with pytest.raises(MolmatError, match=r"every record \(5\) was rejected, none was written \(first: .*\.cif "
+                                          r"\[mp-.*\]: atom 0 .* has no neighbour within 0.5 A"):
+        preprocess([str(cif_dir)], out, load_config(None, ["preprocess.crystal.cutoff=0.5"]), workers=0)
+    assert load_manifest(out)["records"] == 0 and len((out / "rejects.jsonl").read_text().splitlines()) == 5
+    r = subprocess.run(CLI + ["preprocess", str(cif_dir), "--out", str(tmp_path / "cli"), "--workers", "0",
+                              "--set", "preprocess.crystal.cutoff=0.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "every record (5) was rejected" in r.stderr and "Traceback" not in r.stderr

@@ -236,6 +236,19 @@ def test_neighbour_shells_are_not_cut_so_the_graph_ignores_the_cell_choice():
     assert sorted(_environments(text, CFG) * 2) == _environments(supercell, CFG)
 
 
+@pytest.mark.parametrize("source", ["qm9/xyz", "qm9/qm9_mini.sdf", "qm8/qm8_sample.csv", "mp/cifs.tar.gz",
+                                    "mp/structures.json.gz"])
+def test_every_format_knows_the_kind_of_its_records(source):
+    from pipeline.readers import FORMATS, format_kind
+
+    reader = open_source(DATASETS / source)
+    kinds = {raw.kind for raw in itertools.islice(reader.records(), 10)}
+    assert kinds == {FORMATS[reader.fmt].kind} == {format_kind(reader.fmt)}
+    assert {f.kind for f in FORMATS.values()} == {"molecule", "crystal"}
+    with pytest.raises(MolmatError, match="unknown format 'pdb'"):
+        format_kind("pdb")
+
+
 def test_bad_records_raise_record_error():
     text = qm9_files(1)[0].read_text()
     truncated = "\n".join(text.splitlines()[:3])
@@ -246,3 +259,10 @@ def test_bad_records_raise_record_error():
         featurize(RawRecord("t", rid, "crystal", "cif", cif[: len(cif) // 3] + "\n_atom_site_fract_x garbage\n"), [], CFG)
     with pytest.raises(RecordError, match="not a number"):
         featurize(RawRecord("t", rid, "crystal", "cif", cif, {"band_gap_eV": "abc"}), ["band_gap_eV"], CFG)
+    # a structure dict with a NaN coordinate: refused before the neighbour search sizes its images
+    entry = json.loads(gzip.open(DATASETS / "mp" / "structures.json.gz").read())[0]
+    structure = json.loads(json.dumps(entry.get("structure", entry)))
+    structure["sites"][0]["abc"] = [float("nan"), 0.1, 0.2]
+    structure["sites"][0].pop("xyz", None)
+    with pytest.raises(RecordError, match="NaN or infinity"):
+        featurize(RawRecord("t", "nan", "crystal", "pymatgen", structure), [], CFG)

@@ -41,6 +41,20 @@ def test_shards_hold_exactly_the_featurised_records(qm9_shards, datasets_dir):
         assert ds.raw(i) == expected, f"record {i} differs from a fresh featurisation"
 
 
+def test_manifest_records_kinds_and_coordinates(qm9_shards, mp_shards):
+    from pipeline.shards import dataset_has_coordinates, dataset_kinds, read_shard_meta
+
+    for root, kind in ((qm9_shards, "molecule"), (mp_shards, "crystal")):
+        manifest = load_manifest(root)
+        assert manifest["kinds"] == [kind] == dataset_kinds(manifest)
+        assert manifest["coordinates"] == "all" == dataset_has_coordinates(manifest)
+        metas = [read_shard_meta(root / e["path"]) for e in manifest["shards"]]
+        assert [m["kinds"] for m in metas] == [{kind: e["count"]} for e in manifest["shards"]]
+        assert [m["with_coordinates"] for m in metas] == [e["count"] for e in manifest["shards"]]
+        old = {k: v for k, v in manifest.items() if k not in ("kinds", "coordinates")}  # before these facts
+        assert dataset_kinds(old) == [kind] and dataset_has_coordinates(old) == "all"
+
+
 def test_manifest_and_stats(qm9_shards):
     manifest = load_manifest(qm9_shards)
     assert manifest["inputs"] and all(len(x["sha256"]) == 64 for x in manifest["inputs"])
@@ -176,9 +190,10 @@ def test_molmat_loader_workers_ignore_stop_signals_and_do_not_block_exit(mp_shar
     script = tmp_path / "leak.py"
     script.write_text(f'''
 import os, signal, sys
+from pipeline.graphs import collate
 from pipeline.shards import ShardDataset
 from pipeline.training import make_loader
-loader = make_loader(ShardDataset({str(mp_shards)!r}), 16, num_workers=2, shuffle_seed=0)
+loader = make_loader(ShardDataset({str(mp_shards)!r}), 16, num_workers=2, shuffle_seed=0, collate_fn=collate)
 it = iter(loader)  # kept alive to the end: its workers are still running at exit
 next(it)
 for w in it._workers:

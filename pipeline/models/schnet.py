@@ -128,17 +128,6 @@ class SchNet(nn.Module):
         self.rbf = GaussianRBF(cfg.n_rbf, cfg.cutoff)
         self.interactions = nn.ModuleList(Interaction(cfg.hidden, cfg.n_rbf) for _ in range(cfg.interactions))
 
-    def check_cutoff(self, shard_cutoff: float, where: str = "the shards") -> None:
-        """Raise :class:`MolmatError` when the model sees further than the stored neighbour graph.
-
-        Args:
-            shard_cutoff: neighbour cutoff (Angstrom) the shards were made with.
-            where: what to name in the message (a shard directory, a config key).
-        """
-        if self.cfg.cutoff > shard_cutoff + 1e-9:
-            raise MolmatError(f"SchNet cutoff {self.cfg.cutoff} A exceeds the neighbour cutoff {shard_cutoff} A of "
-                              f"{where}; lower the model cutoff or preprocess again with a larger cutoff")
-
     def forward(self, batch: GraphBatch, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Encode the 3D structures of a batch.
 

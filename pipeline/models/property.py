@@ -1,4 +1,4 @@
-"""Property model: an encoder (2D MPNN, 3D SchNet, or both) plus one MLP head per target.
+"""Property model: the encoder slots (2D, 3D, or both) plus one MLP head per target.
 
 Targets are learned in a transformed, normalised space and reported in physical units:
 
@@ -9,7 +9,9 @@ Targets are learned in a transformed, normalised space and reported in physical 
 * every target is then normalised with the training split's mean and std.
 
 References, means and stds are buffers of the module, so they are saved with the weights and a
-loaded model predicts in physical units with nothing else at hand.
+loaded model predicts in physical units with nothing else at hand. The model lives in
+``pipeline`` (not in the fine-tuning stage) because every stage that reads a model directory
+builds it: evaluation, prediction, embedding, curvature.
 """
 from __future__ import annotations
 
@@ -20,11 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import MolmatError
+from pipeline.config import ModelConfig
 from pipeline.featurize import MAX_Z
 from pipeline.graphs import GraphBatch
 from pipeline.models import build_encoder
 
 DEFAULT_EXTENSIVE = ("U0_Ha", "U_Ha", "H_Ha", "G_Ha")
+#: Which graph of a batch each encoder slot reads.
+SLOT_VIEWS = {"encoder2d": "2d", "encoder3d": "3d"}
 
 
 @dataclass
@@ -41,8 +47,6 @@ class TargetSpec:
 def target_specs(targets: list[dict[str, str]], wanted: list[str] | None, log10: list[str] | None,
                  extensive: list[str] | None, weights: dict[str, float]) -> list[TargetSpec]:
     """Target specs from the shard manifest's targets and the finetune config."""
-    from pipeline import MolmatError
-
     units = {t["name"]: t["unit"] for t in targets}
     names = wanted or list(units)
     missing = [n for n in names if n not in units]
@@ -52,6 +56,20 @@ def target_specs(targets: list[dict[str, str]], wanted: list[str] | None, log10:
     extensive = extensive if extensive is not None else [n for n in names if n in DEFAULT_EXTENSIVE]
     return [TargetSpec(n, units[n], "log10" if n in log10 else "none", n in extensive, float(weights.get(n, 1.0)))
             for n in names]
+
+
+def labelled_mask(y: Any, mask: Any, is_log10: Any) -> Any:
+    """Where a label can be learned: present, and positive for log10 targets.
+
+    Works on numpy arrays and torch tensors alike (bool arrays broadcast over targets).
+
+    Args:
+        y: (B, T) labels in physical units. mask: (B, T) bool, label present.
+        is_log10: (T,) bool, target learned as log10.
+    Returns:
+        (B, T) bool.
+    """
+    return mask & (~is_log10 | (y > 0))
 
 
 def _mlp(d_in: int, hidden: int, layers: int, dropout: float) -> nn.Sequential:
@@ -67,26 +85,23 @@ def _mlp(d_in: int, hidden: int, layers: int, dropout: float) -> nn.Sequential:
 
 
 class PropertyModel(nn.Module):
-    """Encoder(s) plus per-target heads with normalisation stored inside.
+    """Encoder slots plus per-target heads with normalisation stored inside.
 
     Args:
-        encoder: ``"mpnn"``, ``"schnet"`` or ``"both"``.
-        mpnn_cfg, schnet_cfg: encoder configs (plain dicts or config objects).
+        model_cfg: which encoders fill the 2D and 3D slots, and the head shape.
         targets: the learned targets.
-        head_hidden, head_layers, dropout: head MLP shape.
     Shapes: ``forward(batch)`` returns normalised predictions (B, T).
     """
 
-    def __init__(self, encoder: str, mpnn_cfg: Any, schnet_cfg: Any, targets: list[TargetSpec],
-                 head_hidden: int = 128, head_layers: int = 2, dropout: float = 0.0) -> None:
+    def __init__(self, model_cfg: ModelConfig, targets: list[TargetSpec]) -> None:
         super().__init__()
-        self.encoder_kind = encoder
+        self.model_cfg = model_cfg
         self.targets = targets
-        self.encoder2d = build_encoder("mpnn", mpnn_cfg) if encoder in ("mpnn", "both") else None
-        self.encoder3d = build_encoder("schnet", schnet_cfg) if encoder in ("schnet", "both") else None
-        d = (self.encoder2d.out_dim if self.encoder2d is not None else 0) + \
-            (self.encoder3d.out_dim if self.encoder3d is not None else 0)
-        self.heads = nn.ModuleList(_mlp(d, head_hidden, head_layers, dropout) for _ in targets)
+        self.encoder2d = build_encoder(model_cfg.encoder2d) if model_cfg.encoder2d is not None else None
+        self.encoder3d = build_encoder(model_cfg.encoder3d) if model_cfg.encoder3d is not None else None
+        d = sum(e.out_dim for e in self.encoders())
+        heads = model_cfg.heads
+        self.heads = nn.ModuleList(_mlp(d, heads.hidden, heads.layers, heads.dropout) for _ in targets)
         t = len(targets)
         self.register_buffer("mean", torch.zeros(t, dtype=torch.float64))
         self.register_buffer("std", torch.ones(t, dtype=torch.float64))
@@ -94,6 +109,20 @@ class PropertyModel(nn.Module):
         self.register_buffer("is_log10", torch.tensor([s.transform == "log10" for s in targets], dtype=torch.bool))
         self.register_buffer("is_extensive", torch.tensor([s.extensive for s in targets], dtype=torch.bool))
         self.register_buffer("loss_weight", torch.tensor([s.weight for s in targets], dtype=torch.float32))
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "PropertyModel":
+        """A randomly initialised model from a model directory's ``config.json`` (current layout).
+
+        Args:
+            config: plain data with ``model`` (a :class:`ModelConfig` dump) and ``targets``
+                (a list of :class:`TargetSpec` dicts).
+        """
+        return cls(ModelConfig.model_validate(config["model"]), [TargetSpec(**t) for t in config["targets"]])
+
+    def views(self) -> list[str]:
+        """The graph views (``"2d"``, ``"3d"``) the filled slots read."""
+        return [SLOT_VIEWS[s] for s in ("encoder2d", "encoder3d") if getattr(self, s) is not None]
 
     def encoders(self) -> list[nn.Module]:
         """The encoder modules in use (for freezing or a separate learning rate)."""
@@ -106,8 +135,6 @@ class PropertyModel(nn.Module):
             parts.append(self.encoder2d(batch)[0])
         if self.encoder3d is not None:
             if batch.g3d is None:
-                from pipeline import MolmatError
-
                 raise MolmatError("this model uses the 3D encoder but the records have no coordinates")
             parts.append(self.encoder3d(batch)[0])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -132,9 +159,8 @@ class PropertyModel(nn.Module):
         y = y.double()
         ref = comp @ self.element_ref.T
         t = torch.where(self.is_extensive, (y - ref) / n_atoms.double().unsqueeze(-1), y)
-        positive = y > 0
-        t = torch.where(self.is_log10, torch.log10(torch.where(positive, y, torch.ones_like(y))), t)
-        return t, mask & (~self.is_log10 | positive)
+        t = torch.where(self.is_log10, torch.log10(torch.where(y > 0, y, torch.ones_like(y))), t)
+        return t, labelled_mask(y, mask, self.is_log10)
 
     def normalize(self, y: torch.Tensor, mask: torch.Tensor, batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical targets (B, T) -> normalised learned space (B, T) float32, with the effective mask."""
