@@ -58,7 +58,8 @@ def ensure_environment() -> Path:
     print("bootstrap: installing molmat and its pinned stack (torch is ~5 GB; a few minutes)", flush=True)
     pip = [str(py), "-m", "pip", "--disable-pip-version-check"]
     subprocess.run(pip + ["install", "-q", "setuptools<70", "wheel"], check=True)
-    subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev]"], check=True)
+    # the density extra (PySCF) too: its label generator is tested against reference densities
+    subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev,density]"], check=True)
     STAMP.write_text(fingerprint)
     return py
 

@@ -244,6 +244,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------- density labels
+def cmd_density_labels(args: argparse.Namespace) -> int:
+    """``molmat density-labels INPUT... --out DIR``: DFT density cubes with PySCF, resumable."""
+    from pipeline.density_labels import FAILURES, LABELS, generate
+
+    cfg = _config(args)
+    dl = cfg.density_labels
+    for flag, key in (("workers", "workers"), ("limit", "limit"), ("start", "start"), ("basis", "basis"),
+                      ("functional", "functional"), ("spacing", "spacing"), ("margin", "margin"),
+                      ("grid_level", "grid_level"), ("conv_tol", "conv_tol")):
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                setattr(dl, key, value)
+            except ValueError as exc:  # pydantic's ValidationError, raised by validate_assignment
+                raise MolmatError(f"--{flag.replace('_', '-')} {value!r}: {exc.errors()[0]['msg']}") from None
+    if args.no_density_fit:
+        dl.density_fit = False
+    summary = generate(args.inputs, args.out, cfg, fmt=args.format or "auto", retry_failed=args.retry_failed)
+    per_mol = f", {summary.scf_seconds / summary.computed:.1f} s SCF per molecule" if summary.computed else ""
+    print(f"density-labels: {summary.computed} computed, {summary.failed} failed, {summary.skipped} skipped "
+          f"(finished or failed before) in {summary.seconds:.0f} s{per_mol}; cubes and {LABELS} in {summary.out}")
+    for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  failed: {n} x {reason}")
+    if summary.failed:
+        print(f"  full list: {Path(summary.out) / FAILURES}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="molmat", description="Graph learning for molecules and crystals.")
@@ -312,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: run.out from the config)")
     _common(p)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("density-labels", help="DFT electron densities (PySCF) on grids, one cube file per molecule")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="molecule files, directories or archives (xyz, sdf, csv)")
+    p.add_argument("--out", required=True, help="output directory (cubes, labels.jsonl, failures.jsonl)")
+    p.add_argument("--format", help="input format (default: detect)")
+    p.add_argument("--workers", type=int, help="processes, one per core (default density_labels.workers; 0 = all cores)")
+    p.add_argument("--start", type=int, help="skip the first K records")
+    p.add_argument("--limit", type=int, help="label at most N records (after --start)")
+    p.add_argument("--functional", help="XC functional (default PBE)")
+    p.add_argument("--basis", help="AO basis (default def2-SVP)")
+    p.add_argument("--no-density-fit", action="store_true", help="exact Coulomb (four-index integrals in memory) instead of density fitting")
+    p.add_argument("--grid-level", type=int, help="PySCF XC grid level 0-9")
+    p.add_argument("--conv-tol", type=float, help="SCF energy convergence threshold (Hartree)")
+    p.add_argument("--spacing", type=float, help="uniform grid step (bohr, default 0.25)")
+    p.add_argument("--margin", type=float, help="box margin around the atoms (bohr, default 4)")
+    p.add_argument("--retry-failed", action="store_true", help="also redo molecules listed in failures.jsonl")
+    _common(p)
+    p.set_defaults(func=cmd_density_labels)
     return parser
 
 
