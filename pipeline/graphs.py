@@ -159,6 +159,8 @@ def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
 
     # 2D view: chemical bonds in both directions, or (crystals) neighbour topology without distances
     src2, dst2, e2, ne2 = [], [], [], []
+    # shells of every crystal edge of the batch in one pass: centres are unique once offset
+    shell_feats, shell_dst, shell_dist = [], [], []
     for r, s0, kind in zip(records, starts, kinds):
         if kind == R.CRYSTAL or R.BOND_INDEX not in r:
             # the topology carries which coordination shell a neighbour is in, never its distance
@@ -169,8 +171,9 @@ def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
                 vec = r[R.POS][idx[0]] - r[R.POS][idx[1]]
                 if R.NBR_IMAGE in r and R.CELL in r:
                     vec = vec + r[R.NBR_IMAGE] @ r[R.CELL]
-                shell = neighbour_shells(idx[1], np.linalg.norm(vec, axis=1))
-                feat[np.arange(len(shell)), SHELL_COLUMN + np.minimum(shell, N_SHELLS - 1)] = 1.0
+                shell_feats.append(feat)
+                shell_dst.append(idx[1] + s0)
+                shell_dist.append(np.linalg.norm(vec, axis=1))
             src2.append(idx[0] + s0)
             dst2.append(idx[1] + s0)
         else:
@@ -181,6 +184,12 @@ def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
             dst2.append(np.concatenate([idx[1], idx[0]]) + s0)
         e2.append(feat)
         ne2.append(len(feat))
+    if shell_feats:
+        shell = np.minimum(neighbour_shells(np.concatenate(shell_dst), np.concatenate(shell_dist)), N_SHELLS - 1)
+        start = 0
+        for feat in shell_feats:  # views into e2's arrays: filled in place
+            feat[np.arange(len(feat)), SHELL_COLUMN + shell[start:start + len(feat)]] = 1.0
+            start += len(feat)
     g2d = _graph(np.concatenate(src2), np.concatenate(dst2), n_atoms, np.array(ne2, dtype=np.int64))
     g2d.ndata["x"] = torch.from_numpy(x)
     g2d.ndata["z"] = torch.from_numpy(z)
