@@ -1,8 +1,9 @@
-"""``molmat evaluate``: metrics in physical units and parity plots for a trained model."""
+"""``molmat evaluate``: metrics in physical units, a table of them, and parity plots for a trained model."""
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,44 +12,70 @@ import torch
 
 from finetune.metrics import target_metrics
 from finetune.modeldata import open_model_on_split, predict_loader
+from pipeline import records as R
+from pipeline.plots import parity_plot
+from pipeline.readers import unit_column
+
+__all__ = ["evaluate", "metrics_rows", "metrics_table", "parity_plot"]
+
+#: Columns of ``metrics.csv``, one row per target (log10 columns empty for targets not learned as log10).
+METRICS_COLUMNS = ("target", "unit", "mae", "rmse", "r2", "count", "log10_mae", "log10_rmse", "log10_r2")
 
 
-def parity_plot(pred: np.ndarray, y: np.ndarray, name: str, unit: str, path: Path, log: bool = False,
-                metrics: dict[str, float] | None = None) -> None:
-    """Predicted vs true scatter with the y = x line, written as PNG."""
-    import matplotlib
+def metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target of :data:`METRICS_COLUMNS` from :func:`evaluate`'s metrics dict."""
+    rows = []
+    for name, m in metrics["targets"].items():
+        log10 = m.get("log10", {})
+        rows.append({"target": name, "unit": m["unit"], "mae": m["mae"], "rmse": m["rmse"], "r2": m["r2"],
+                     "count": m["count"], "log10_mae": log10.get("mae", ""), "log10_rmse": log10.get("rmse", ""),
+                     "log10_r2": log10.get("r2", "")})
+    return rows
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
-    ax.scatter(y, pred, s=8, alpha=0.6, edgecolors="none")
-    if len(y):
-        lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
-        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
-    if log:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel(f"true {name} [{unit}]")
-    ax.set_ylabel(f"predicted {name} [{unit}]")
-    if metrics:
-        ax.set_title(f"MAE {metrics['mae']:.4g} {unit}, R$^2$ {metrics['r2']:.3f}, n={metrics['count']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def _fmt(value: Any, spec: str) -> str:
+    if value == "" or value is None:
+        return ""
+    return "nan" if isinstance(value, float) and math.isnan(value) else format(value, spec)
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of per-target MAE, RMSE and R^2 in physical units (log10 MAE for moduli)."""
+    rows = metrics_rows(metrics)
+    width = max([len("target")] + [len(r["target"]) for r in rows])
+    unit_w = max([len("unit")] + [len(str(r["unit"])) for r in rows])
+    has_log = any(r["log10_mae"] != "" for r in rows)
+    head = f"{'target':<{width}}  {'unit':<{unit_w}}  {'MAE':>10}  {'RMSE':>10}  {'R2':>7}  {'n':>6}"
+    lines = [head + ("  log10 MAE" if has_log else "")]
+    for r in rows:
+        line = (f"{r['target']:<{width}}  {r['unit']:<{unit_w}}  {_fmt(r['mae'], '10.4g')}  {_fmt(r['rmse'], '10.4g')}"
+                f"  {_fmt(r['r2'], '7.3f')}  {r['count']:>6d}")
+        if has_log:
+            line += f"  {_fmt(r['log10_mae'], '9.4g')}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              batch_size: int = 128, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Evaluate a model on a split of a shard directory (``all`` = every record).
 
-    Writes ``metrics.json`` (per target: MAE, RMSE, R^2, count in the target's unit; log10 targets
-    also in log10), ``predictions.csv`` and ``parity_<target>.png`` into ``out``
-    (default ``RUN/eval_<split>``). Returns the metrics dict.
+    Writes into ``out`` (default ``RUN/eval_<split>``): ``metrics.json`` (per target: MAE, RMSE,
+    R^2, count in the target's unit; log10 targets also in log10), the same as a table in
+    ``metrics.csv`` (:data:`METRICS_COLUMNS`), ``predictions.csv`` (record index, structure
+    id, source file, then true and predicted value of every target, each column named with
+    its unit, see :func:`pipeline.readers.unit_column`) and ``parity_<target>.png``. Returns
+    the metrics dict.
     """
     scored = open_model_on_split(run, data, split, device)
     model = scored.model
     res = predict_loader(model, scored.loader(batch_size), scored.device)
+    # The loader keeps record order, so the split's records give each row's source file and its
+    # labels as stored (float64): batches carry float32, which would print 0.0431 as 0.04309999942779541.
+    records = [scored.dataset[i] for i in range(len(scored.dataset))]
+    sources = [str(r[R.SOURCE]) for r in records]
+    if records:
+        res["y"] = np.stack([np.asarray(r[R.Y], dtype=np.float64) for r in records])
     out = Path(out) if out else Path(run) / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"data": str(data), "split": split, "records": len(scored.dataset),
@@ -58,11 +85,16 @@ def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | 
         parity_plot(res["pred"][m, j], res["y"][m, j], spec.name, spec.unit, out / f"parity_{spec.name}.png",
                     log=spec.transform == "log10", metrics=metrics["targets"][spec.name])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(METRICS_COLUMNS))
+        w.writeheader()
+        w.writerows(metrics_rows(metrics))
     with open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["index", "id"] + [f"{s.name}_{k}" for s in model.targets for k in ("true", "pred")])
+        w.writerow(["index", "id", "source"] + [unit_column(s.name, s.unit, f"_{k}") for s in model.targets
+                                                for k in ("true", "pred")])
         for i in range(len(res["ids"])):
-            row: list[Any] = [res["index"][i], res["ids"][i]]
+            row: list[Any] = [res["index"][i], res["ids"][i], sources[i]]
             for j in range(len(model.targets)):
                 row += [repr(float(res["y"][i, j])) if res["mask"][i, j] else "", repr(float(res["pred"][i, j]))]
             w.writerow(row)

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import MolmatError
-from pipeline.checkpoint import PROPERTY_MODEL, load_pretrained_encoders, pretrained_model_config, save_model_dir
+from pipeline.checkpoint import (PROPERTY_MODEL, data_identity, load_pretrained_encoders, prepare_run_dir,
+                                 pretrained_model_config, save_model_dir)
 from pipeline.config import Config, write_resolved
 from pipeline.distributed import gather_objects
 from pipeline.featurize import neighbour_cutoff
@@ -21,7 +22,7 @@ from pipeline.graphs import GraphBatch, collate
 from pipeline.loader import make_loader
 from pipeline.models import check_encoder_cutoff
 from pipeline.models.property import PropertyModel, target_specs
-from pipeline.shards import ShardDataset, dataset_has_coordinates, dataset_kinds, load_manifest
+from pipeline.shards import ShardDataset, dataset_has_coordinates, dataset_kinds, load_manifest, load_stats
 from pipeline.splits import load_split
 from pipeline.training import Callback, Trainer, TrainResult, pick_device, seed_everything
 from finetune.losses import task_losses, weighted_total
@@ -75,12 +76,14 @@ class PropertyTask:
 
 def finetune(data: str | Path, out: str | Path, config: Config, init: str | None = None,
              rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-             callbacks: tuple[Callback, ...] = ()) -> TrainResult:
+             callbacks: tuple[Callback, ...] = (), restart: bool = False) -> TrainResult:
     """Fine-tune a property model on the train split of a shard directory.
 
     Writes ``RUN/best/`` (deployable model), ``RUN/last.pt`` (resume state), ``RUN/metrics.csv``,
-    ``RUN/timing.json``, ``RUN/config.resolved.yaml`` and ``RUN/result.json``. Re-running the
-    same command resumes.
+    ``RUN/timing.json``, ``RUN/run.json`` (what the run is), ``RUN/config.resolved.yaml`` and
+    ``RUN/result.json``. Re-running the same command resumes; re-running into ``RUN`` with other
+    data, targets or model is refused with what differs, unless ``restart`` (``--restart``),
+    which moves the old run's state to ``RUN/previous/`` and starts afresh.
     """
     out = Path(out)
     fcfg, tcfg = config.finetune, config.train
@@ -119,6 +122,13 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     columns = target_columns(manifest, specs, str(data))
     train_set = TargetColumns(ShardDataset(data, train_idx), columns)
     val_set = TargetColumns(ShardDataset(data, split["val"]), columns)
+    stats = load_stats(data)
+    # what this run is: a re-run into `out` resumes only the same run (or starts afresh with --restart)
+    identity = {"data": data_identity(data), "targets": [t.name for t in specs],
+                "model": model_cfg.model_dump(mode="json"),
+                "finetune": fcfg.model_dump(mode="json", exclude={"init", "targets"}),
+                "init": str(Path(init).resolve()) if init else None}
+    prepare_run_dir(out, identity, restart, rank, world_size)
     model = PropertyModel(model_cfg, specs)
     if init:
         load_pretrained_encoders(model, init, slots, manifest["featurization"], kinds)
@@ -130,7 +140,7 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     meta = {"model": model_cfg.model_dump(mode="json"), "targets": model.describe(),
             "finetune": fcfg.model_dump(mode="json"), "featurization": manifest["featurization"],
             "preprocess": manifest["preprocess"],
-            "elements": sorted(json.loads((Path(data) / "stats.json").read_text())["elements"]),
+            "elements": sorted(stats["elements"]),
             "trained_on": str(Path(data).resolve()), "split": {k: split[k] for k in ("method", "seed")},
             "init": str(init) if init else None, "kinds": kinds}
     if rank == 0:

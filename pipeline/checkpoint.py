@@ -18,10 +18,14 @@ file. The DDP unwrap is done here once (:func:`unwrap`).
 from __future__ import annotations
 
 import ast
+import collections
+import io
 import json
 import logging
 import os
+import pickle  # only to check molmat 0.1 weight files before torch reads them (_LegacyScan); nothing is built
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -159,15 +163,101 @@ def save_model_dir(path: str | Path, model: nn.Module, kind: str, meta: dict[str
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": kind, "molmat": __version__})
-    os.replace(tmp, out / WEIGHTS)
+    try:
+        save_file(state, str(tmp), metadata={"format": kind, "molmat": __version__})
+        os.replace(tmp, out / WEIGHTS)
+    except BaseException:  # a full disk: no temporary file left, the previous weights kept
+        tmp.unlink(missing_ok=True)
+        raise
     # a directory updated in place from an older run must not keep its old weights beside the new
     (out / KINDS[kind].legacy_weights).unlink(missing_ok=True)
     config = {"format": kind, "layout": LAYOUT, "format_version": FORMAT_VERSION, "code_version": __version__, **meta}
     tmp = out / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, out / CONFIG)
+    try:
+        tmp.write_text(json.dumps(config, indent=1))
+        os.replace(tmp, out / CONFIG)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
+
+
+#: Bytes per element of the storage types a molmat 0.1 state dict may hold.
+_STORAGE_ITEMSIZE = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+                     "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+                     "BoolStorage": 1}
+
+
+class _LegacyScan(pickle.Unpickler):
+    """Reads the pickle of a torch zip file without building tensors, to check it first.
+
+    Only what a molmat 0.1 state dict holds is allowed (an ``OrderedDict`` of
+    ``_rebuild_tensor_v2`` tensors over typed storages); anything else is refused. Storages
+    become ``(key, itemsize, numel)`` and tensors ``(storage, offset, size, stride)``.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *rest: ("tensor", storage, offset, size, stride)
+        if module == "torch" and name in _STORAGE_ITEMSIZE:
+            return name
+        raise pickle.UnpicklingError(f"unexpected content {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in _STORAGE_ITEMSIZE
+                and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):
+            raise pickle.UnpicklingError("unexpected storage reference")
+        return ("storage", pid[2], _STORAGE_ITEMSIZE[pid[1]], pid[4])
+
+
+def check_legacy_weights(path: Path) -> None:
+    """Check a molmat 0.1 ``.pt`` file before torch reads it: every tensor within its stored bytes.
+
+    torch 2.2 trusts the sizes a file declares: a storage record shorter than its declared
+    element count is read past its end, even with ``weights_only=True`` (heap bytes come back as
+    weights, or the process crashes). Here the pickle is read with only a state dict's types
+    allowed, and each storage's bytes in the zip and each tensor's view are checked against the
+    declared sizes.
+
+    Raises:
+        MolmatError: naming the file and the first problem.
+    """
+    def bad(why: str) -> MolmatError:
+        return MolmatError(f"{path}: not a sound molmat 0.1 weights file ({why}); it is damaged or crafted, do not "
+                           "use it")
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            pickles = [n for n in infos if n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise bad("no single data.pkl record")
+            prefix = pickles[0][: -len("data.pkl")]
+            state = _LegacyScan(io.BytesIO(zf.read(pickles[0]))).load()
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, OSError, RecursionError, MemoryError) as exc:
+        raise bad(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+    if not isinstance(state, dict):
+        raise bad("not a state dict")
+    for name, value in state.items():
+        if not (isinstance(value, tuple) and len(value) == 5 and value[0] == "tensor"):
+            raise bad(f"entry {name!r} is not a tensor")
+        _, storage, offset, size, stride = value
+        if not (isinstance(storage, tuple) and storage[0] == "storage"):
+            raise bad(f"tensor {name!r} has no storage")
+        _, key, itemsize, numel = storage
+        info = infos.get(f"{prefix}data/{key}")
+        if info is None or info.compress_type != zipfile.ZIP_STORED or info.file_size != numel * itemsize:
+            found = "missing" if info is None else f"{info.file_size} bytes"
+            raise bad(f"storage {key} of {name!r} declares {numel * itemsize} bytes, the file holds {found}")
+        if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
+                and len(size) == len(stride) and all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))):
+            raise bad(f"tensor {name!r} has a malformed shape")
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else -1
+        if last >= numel:
+            raise bad(f"tensor {name!r} reaches element {last} of a storage of {numel}")
 
 
 def load_weights(directory: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -187,9 +277,10 @@ def load_weights(directory: Path, kind: str) -> dict[str, torch.Tensor]:
             raise MolmatError(f"{path}: not a readable safetensors file ({exc}); the file is damaged") from None
     legacy = directory / KINDS[kind].legacy_weights
     if legacy.is_file():
-        log.warning("%s: torch weights file from molmat 0.1; loaded with weights_only=True, but torch %s can still be "
-                    "exploited by a crafted file: load only files you trust (re-save with molmat to get safetensors)",
-                    legacy, torch.__version__.split("+")[0])
+        log.warning("%s: torch weights file from molmat 0.1; checked, then loaded with weights_only=True, but "
+                    "torch %s can still be exploited by a crafted file: load only files you trust (re-save with "
+                    "molmat to get safetensors)", legacy, torch.__version__.split("+")[0])
+        check_legacy_weights(legacy)
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for damaged or crafted files
@@ -311,8 +402,12 @@ def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule,
              "state": dict(loop), "rng": _rng_state(), **extra}
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no last.pt.tmp left behind, the previous last.pt kept
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -327,8 +422,9 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         unwrap(model).load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, KeyError, ValueError, EOFError, OSError) as exc:
-        raise MolmatError(f"{path}: cannot resume from it ({str(exc).splitlines()[0][:200]}); delete it to start "
+    except Exception as exc:  # a damaged or foreign file raises anything from UnpicklingError to TypeError
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MolmatError(f"{path}: cannot resume from it ({first}); delete it, or pass --restart, to start "
                           "afresh") from None
     _set_rng_state(ckpt["rng"])
     return ckpt
@@ -353,3 +449,105 @@ def check_shards_fit(model_featurization: dict[str, Any], views: Iterable[str], 
     if diff:
         raise MolmatError(f"{where} was made with a different featurisation than the model: " + "; ".join(diff)
                           + ". Re-run preprocess with the model's settings.")
+
+
+# ------------------------------------------------------------------------------ run identity
+#: What a run directory's run is (data, targets, model), written when training starts.
+RUN_IDENTITY = "run.json"
+#: Where ``--restart`` moves the state of the run a directory held before.
+PREVIOUS = "previous"
+#: Files and directories of a run's state (moved aside together by ``--restart``).
+RUN_STATE = ("last.pt", "best", "metrics.csv", "timing.json", "result.json", RUN_IDENTITY, "tensorboard",
+             "learning_curve.png", CONFIG, WEIGHTS)
+
+
+def data_identity(root: str | Path) -> dict[str, Any]:
+    """What identifies a shard directory's content for a run: its dataset id and split.
+
+    The manifest's ``dataset_id`` (or, for directories made before it, a hash of its inputs
+    and settings) and a hash of ``split.json``, so a re-made dataset or split is noticed.
+    """
+    import hashlib
+
+    from pipeline.shards import SPLIT, load_manifest
+
+    manifest = load_manifest(root)
+    ident = manifest.get("dataset_id") or hashlib.sha256(json.dumps(
+        [manifest.get(k) for k in ("inputs", "preprocess", "featurization", "targets")], sort_keys=True).encode()
+    ).hexdigest()
+    split = Path(root) / SPLIT
+    split_hash = hashlib.sha256(split.read_bytes()).hexdigest()[:16] if split.exists() else None
+    return {"dataset": ident[:16], "records": manifest.get("records"), "split": split_hash}
+
+
+def _old_identity(out: Path) -> dict[str, Any] | None:
+    """The identity of the run ``out`` holds: its ``run.json``, or for runs from before it, what
+    its model directory says (targets and model); None when nothing tells."""
+    path = out / RUN_IDENTITY
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+    for d in (out / "best", out):
+        if (d / CONFIG).is_file():
+            try:
+                _, config = read_model_config(d)
+            except MolmatError:
+                return None
+            old: dict[str, Any] = {"model": config.get("model")}
+            if "targets" in config:
+                old["targets"] = [t["name"] for t in config["targets"]]
+            return old
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def prepare_run_dir(out: str | Path, identity: dict[str, Any], restart: bool = False, rank: int = 0,
+                    world_size: int = 1) -> None:
+    """Make a run directory resume only the run it holds, or start afresh when told to.
+
+    Args:
+        out: the run (or encoder) directory.
+        identity: plain data saying what this run is (``data``, ``targets``, ``model``, ...).
+        restart: move the directory's previous run state into ``out/previous/`` (replacing an
+            older one there) and start afresh.
+        rank, world_size: only rank 0 moves and writes; all ranks wait for it.
+    Raises:
+        MolmatError: ``out`` holds another run (other data, targets or model) and ``restart``
+            is False; the message names what differs.
+    """
+    out = Path(out)
+    identity = json.loads(json.dumps(identity))  # compared with what run.json gives back
+    has_state = any((out / name).exists() for name in ("last.pt", "best", RUN_IDENTITY, CONFIG))
+    if has_state and restart:
+        if rank == 0:
+            prev = out / PREVIOUS
+            if prev.exists():
+                import shutil
+
+                shutil.rmtree(prev)
+            prev.mkdir(parents=True)
+            for name in RUN_STATE:
+                if (out / name).exists():
+                    os.replace(out / name, prev / name)
+            log.info("--restart: the previous run's state in %s was moved to %s", out, prev)
+    elif has_state:
+        old = _old_identity(out)
+        if old is not None:
+            diff = [k for k in identity if k in old and old[k] != identity[k]]
+            if diff:
+                what = "; ".join(f"{k}: was {_short(old[k])}, now {_short(identity[k])}" for k in diff)
+                raise MolmatError(f"{out} holds another run ({what}); use another --out, or pass --restart to move "
+                                  f"that run's state to {out / PREVIOUS} and start afresh")
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank may look for last.pt before rank 0 has moved it
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (RUN_IDENTITY + ".tmp")
+        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+        os.replace(tmp, out / RUN_IDENTITY)

@@ -6,9 +6,13 @@ fix exit with status 2 and one line on stderr (``molmat: error: ...``); no trace
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,12 +77,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """``molmat inspect DIR [--verify]``: counts, targets, stats, rejects; optional full checksum pass."""
+    """``molmat inspect DIR [--verify]``: counts, targets, stats, rejects; optional full checksum pass.
+
+    With ``--config``/``--set``, also says whether the directory's featurisation is the one that
+    config would make (what a model trained with that config compares).
+    """
     from pipeline.preprocess import summarize_rejects
-    from pipeline.shards import STATS, load_manifest, verify
+    from pipeline.shards import load_manifest, load_stats, verify
 
     manifest = load_manifest(args.dir)
-    stats = json.loads((Path(args.dir) / STATS).read_text())
+    stats = load_stats(args.dir)
     print(f"{args.dir}: {manifest['records']} records in {len(manifest['shards'])} shard(s), "
           f"{manifest['rejected']} rejected; format v{manifest['format_version']}, molmat {manifest['code_version']}")
     for inp in manifest["inputs"][:5]:
@@ -95,6 +103,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("elements: " + ", ".join(f"{el} {n}" for el, n in top) + (" ..." if len(stats["elements"]) > 12 else ""))
     for line in summarize_rejects(args.dir):
         print(f"  rejected: {line}")
+    if args.config or args.overrides:
+        from pipeline.featurize import featurization_spec
+
+        ours, theirs = featurization_spec(_config(args).preprocess), manifest.get("featurization", {})
+        diff = [f"{k}: config {ours.get(k)!r} vs shards {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+                if ours.get(k) != theirs.get(k)]
+        print("featurisation: " + ("as the given config makes it" if not diff else "differs from the given config: "
+                                   + "; ".join(diff)))
     if args.verify:
         checked, problems = verify(args.dir)
         if problems:
@@ -139,7 +155,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """``molmat finetune --data SHARDS --out RUN [--init ENCODER_DIR]``."""
     from finetune.train import finetune
 
-    return _distributed_stage("finetune", lambda cfg, **kw: finetune(args.data, args.out, cfg, init=args.init, **kw),
+    return _distributed_stage("finetune", lambda cfg, **kw: finetune(args.data, args.out, cfg, init=args.init,
+                                                                    restart=args.restart, **kw),
                               args, Path(args.out) / "best")
 
 
@@ -147,8 +164,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """``molmat pretrain --data SHARDS... --out ENC``."""
     from pretrain.train import pretrain
 
-    return _distributed_stage("pretrain", lambda cfg, **kw: pretrain(args.data, args.out, cfg, **kw), args,
-                              Path(args.out))
+    return _distributed_stage("pretrain", lambda cfg, **kw: pretrain(args.data, args.out, cfg, restart=args.restart,
+                                                                    **kw), args, Path(args.out))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -163,17 +180,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--out DIR]``."""
-    from finetune.evaluate import evaluate
+    from finetune.evaluate import evaluate, metrics_table
     from pipeline.config import write_resolved
 
     cfg, device = _config_and_device(args)
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
     metrics = evaluate(args.run, args.data, args.split, out, device=device)
     write_resolved(cfg, out)
-    for name, m in metrics["targets"].items():
-        extra = f"  (log10 MAE {m['log10']['mae']:.4g})" if "log10" in m else ""
-        print(f"{name:32s} MAE {m['mae']:.4g} {m['unit']}  RMSE {m['rmse']:.4g}  R2 {m['r2']:.3f}  n={m['count']}{extra}")
-    print(f"metrics and parity plots in {out}")
+    print(f"{args.split} split of {args.data}, {metrics['records']} records, in physical units:")
+    print(metrics_table(metrics))
+    print(f"metrics.json, metrics.csv, predictions.csv and parity plots in {out}")
     return 0
 
 
@@ -185,23 +201,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rows = predict(args.run, args.inputs, args.out, fmt=args.format or "auto", device=device)
     print(f"wrote {rows} row(s) to {args.out}")
     return 0
-
-
-def _stage_finetune_evaluate(cfg: Config, out: Path) -> None:
-    """`molmat run` stage: fine-tune and evaluate on each dataset with a small budget."""
-    from finetune.evaluate import evaluate
-    from finetune.train import finetune
-
-    for ds in cfg.run.datasets:
-        run_cfg = cfg.model_copy(deep=True)
-        run_cfg.train.max_minutes = cfg.run.finetune_minutes
-        run_cfg.finetune.targets = ds.targets
-        model_dir = out / "models" / ds.name
-        result = finetune(out / "data" / ds.name, model_dir, run_cfg)
-        print(f"[finetune] {ds.name}: {result.epochs_run} epochs, {result.steps} steps ({result.stopped_by}) -> {model_dir}")
-        metrics = evaluate(model_dir, out / "data" / ds.name, "test")
-        for name, m in metrics["targets"].items():
-            print(f"[evaluate] {ds.name} test {name}: MAE {m['mae']:.4g} {m['unit']}, R2 {m['r2']:.3f}, n={m['count']}")
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -217,30 +216,239 @@ def _project_path(path: str) -> str:
     return str(candidate) if candidate.exists() else str(p)
 
 
-STAGES: dict[str, Callable[[Config, Path], None]] = {"finetune+evaluate": _stage_finetune_evaluate}
+@dataclass(frozen=True)
+class RunStep:
+    """One stage applied to one dataset (or, for pretraining, to all of them) in ``molmat run``.
+
+    Attributes:
+        stage: a key of :data:`STAGES`.
+        dataset: the dataset's name from ``run.datasets`` (with the arm, ``qm9 (scratch)``), or
+            ``all``.
+        out: the step's output directory.
+        args: what the stage function needs (sources, shard directories, encoder, model).
+    """
+
+    stage: str
+    dataset: str
+    out: Path
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What ``molmat run`` knows about a stage.
+
+    Attributes:
+        is_complete: ``is_complete(out)``: the step's output is whole, so a rerun skips it (a
+            stage that was interrupted finds its own partial output and resumes).
+        run: ``run(step, cfg)`` makes the output; training stages return their ``TrainResult``.
+        headline: ``headline(out)``: the number to look at, as a short text.
+    """
+
+    is_complete: Callable[[Path], bool]
+    run: Callable[[RunStep, Config], Any]
+    headline: Callable[[Path], str]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _run_preprocess(step: RunStep, cfg: Config) -> None:
+    from pipeline.preprocess import preprocess
+
+    preprocess(step.args["sources"], step.out, cfg, fmt=step.args["format"], labels=step.args["labels"],
+               targets=step.args["targets"])
+
+
+def _headline_preprocess(out: Path) -> str:
+    m = _read_json(out / "manifest.json")
+    return f"{m['records']} records, {m['rejected']} rejected; targets {', '.join(t['name'] for t in m['targets'])}"
+
+
+def _budgeted(cfg: Config, minutes: float) -> Config:
+    """A copy of the config with a wall-clock training budget."""
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.train.max_minutes = minutes
+    return run_cfg
+
+
+def _run_pretrain(step: RunStep, cfg: Config) -> Any:
+    from pretrain.train import pretrain
+
+    return pretrain(step.args["data"], step.out, _budgeted(cfg, cfg.run.pretrain_minutes))
+
+
+def _best_row(out: Path) -> dict[str, str]:
+    """The ``metrics.csv`` row of a finished run's best epoch."""
+    best = _read_json(out / "result.json")["best_epoch"]
+    with open(out / "metrics.csv", newline="") as fh:
+        return next((r for r in csv.DictReader(fh) if int(r["epoch"]) == best), {})
+
+
+def _headline_pretrain(out: Path) -> str:
+    r, row = _read_json(out / "result.json"), _best_row(out)
+    return (f"val contrastive accuracy {float(row.get('val_accuracy', 'nan')):.3f}, val loss "
+            f"{float(row.get('val_loss', 'nan')):.3f} (best epoch {r['best_epoch']} of {r['epochs_run']})")
+
+
+def _run_finetune(step: RunStep, cfg: Config) -> Any:
+    from finetune.train import finetune
+
+    run_cfg = _budgeted(cfg, cfg.run.finetune_minutes)
+    match = step.args.get("match_epochs_of")
+    if match is not None and (match / "result.json").exists():
+        # The comparison arm trains for as many epochs as the pretrained arm did, so that both
+        # see the same data and steps; wall-clock budgets alone would hand more steps to the arm
+        # that ran while the machine was less busy. Twice the budget stops it if it is much slower.
+        run_cfg.train.epochs = max(1, int(_read_json(match / "result.json")["epochs_run"]))
+        run_cfg.train.max_minutes = 2 * cfg.run.finetune_minutes
+    run_cfg.finetune.targets = step.args["targets"]
+    run_cfg.finetune.init = None  # the arm decides: the pretrained encoder, or none (scratch)
+    return finetune(step.args["data"], step.out, run_cfg, init=step.args["init"])
+
+
+def _training_complete(out: Path) -> bool:
+    """``result.json`` exists and the run was not stopped by a signal (SIGTERM/SIGUSR1 write
+    ``result.json`` too, after saving ``last.pt`` to resume from)."""
+    path = out / "result.json"
+    return path.exists() and _read_json(path).get("stopped_by") != "signal"
+
+
+def _headline_finetune(out: Path) -> str:
+    r = _read_json(out / "result.json")
+    return (f"best val MAE/spread {r['best_metric']:.4g} at epoch {r['best_epoch']} of {r['epochs_run']} "
+            f"(stopped by {r['stopped_by']})")
+
+
+def _run_evaluate(step: RunStep, cfg: Config) -> None:
+    from finetune.evaluate import evaluate, metrics_table
+
+    metrics = evaluate(step.args["model"], step.args["data"], "test", step.out)
+    print(f"[evaluate] {step.dataset}, test split:\n" + metrics_table(metrics))
+
+
+def _evaluation_complete(out: Path) -> bool:
+    """``metrics.json`` exists and is newer than the evaluated model's ``result.json``."""
+    # metrics.json of an older model is stale: the model's result.json is written when it finishes
+    metrics, model = out / "metrics.json", out.parent / "result.json"
+    return metrics.exists() and (not model.exists() or metrics.stat().st_mtime >= model.stat().st_mtime)
+
+
+def _headline_evaluate(out: Path) -> str:
+    m = _read_json(out / "metrics.json")["targets"]
+    return "test MAE " + ", ".join(f"{name} {t['mae']:.4g} {t['unit']}" for name, t in m.items())
+
+
+#: The stages of ``molmat run``, in order (``pipeline.config.RUN_STAGES``). The density and
+#: curvature stages join here when they exist: one entry each and their steps in :func:`_run_plan`.
+STAGES: dict[str, Stage] = {
+    "preprocess": Stage(lambda out: (out / "manifest.json").exists(), _run_preprocess, _headline_preprocess),
+    "pretrain": Stage(_training_complete, _run_pretrain, _headline_pretrain),
+    "finetune": Stage(_training_complete, _run_finetune, _headline_finetune),
+    "evaluate": Stage(_evaluation_complete, _run_evaluate, _headline_evaluate),
+}
+
+
+def _run_plan(cfg: Config, out: Path) -> list[RunStep]:
+    """Every step of ``molmat run`` for the config, in order.
+
+    Layout of ``out``: ``data/<dataset>/`` (shards), ``pretrain/`` (the encoder, from every
+    dataset's train split), ``models/<dataset>/<arm>/`` (``pretrained``: fine-tuned from that
+    encoder within ``run.finetune_minutes``; ``scratch``: from random weights, for as many epochs
+    as the pretrained arm ran) with ``eval_test/`` inside.
+    """
+    stages = set(cfg.run.stages)
+    data = {ds.name: out / "data" / ds.name for ds in cfg.run.datasets}
+    steps = []
+    if "preprocess" in stages:
+        steps += [RunStep("preprocess", ds.name, data[ds.name],
+                          {"sources": [_project_path(s) for s in ds.sources], "format": ds.format,
+                           "labels": _project_path(ds.labels) if ds.labels else None, "targets": ds.targets})
+                  for ds in cfg.run.datasets]
+    encoder = out / "pretrain"
+    if "pretrain" in stages:
+        steps.append(RunStep("pretrain", "all", encoder, {"data": [str(d) for d in data.values()]}))
+    arms = ([("pretrained", str(encoder))] if "pretrain" in stages else []) + [("scratch", None)]
+    for ds in cfg.run.datasets:
+        for arm, init in arms:
+            model = out / "models" / ds.name / arm
+            if "finetune" in stages:
+                match = out / "models" / ds.name / "pretrained" if arm == "scratch" and len(arms) == 2 else None
+                steps.append(RunStep("finetune", f"{ds.name} ({arm})", model, {
+                    "data": data[ds.name], "targets": ds.targets, "init": init, "match_epochs_of": match}))
+            if "evaluate" in stages:
+                steps.append(RunStep("evaluate", f"{ds.name} ({arm})", model / "eval_test",
+                                     {"model": model, "data": data[ds.name]}))
+    return steps
+
+
+def _comparison(steps: list[RunStep]) -> list[str]:
+    """Markdown rows: test MAE per dataset and target, fine-tuned from the encoder vs from scratch."""
+    evals = {s.dataset: s.out / "metrics.json" for s in steps
+             if s.stage == "evaluate" and (s.out / "metrics.json").exists()}
+    rows = []
+    for name, path in evals.items():
+        if not name.endswith("(pretrained)"):
+            continue
+        scratch = evals.get(name.replace("(pretrained)", "(scratch)"))
+        if scratch is None:
+            continue
+        a, b = _read_json(path)["targets"], _read_json(scratch)["targets"]
+        for target, m in a.items():
+            if target in b:
+                change = 100 * (m["mae"] / b[target]["mae"] - 1) if b[target]["mae"] else float("nan")
+                rows.append(f"| {name.split(' (')[0]} | {target} | {m['unit']} | {b[target]['mae']:.4g} | "
+                            f"{m['mae']:.4g} | {change:+.1f}% |")
+    if not rows:
+        return []
+    return ["| dataset | target | unit | test MAE, scratch | test MAE, pretrained | change |",
+            "|---|---|---|---:|---:|---:|"] + rows
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``molmat run``: every stage in order on the datasets named in the config's ``run`` section."""
+    """``molmat run``: every stage in order on the datasets named in the config's ``run`` section.
+
+    A step whose output is complete is skipped, so re-running after an interruption (or after
+    adding a dataset) does only what is missing; an interrupted training step resumes from its
+    ``last.pt``. Ends with a summary table (also written to ``RUN/summary.md``).
+    """
     from pipeline.config import write_resolved
-    from pipeline.preprocess import preprocess
 
     cfg = _config(args)
     out = Path(args.out or cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_resolved(cfg, out)
     if not cfg.run.datasets:
         raise MolmatError("config has no run.datasets; nothing to run")
-    for ds in cfg.run.datasets:
-        data_dir = out / "data" / ds.name
-        sources = [_project_path(s) for s in ds.sources]
-        labels = _project_path(ds.labels) if ds.labels else None
-        summary = preprocess(sources, data_dir, cfg, fmt=ds.format, labels=labels, targets=ds.targets)
-        print(f"[preprocess] {ds.name}: {summary.records} records, {summary.rejected} rejected, "
-              f"{summary.shards} shard(s) -> {data_dir} ({summary.seconds:.1f} s)")
-    for name, stage in STAGES.items():
-        stage(cfg, out)
-    print(f"run finished: outputs in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved(cfg, out)
+    steps = _run_plan(cfg, out)
+    status = {}
+    t_all = time.time()
+    for i, step in enumerate(steps):
+        stage = STAGES[step.stage]
+        if stage.is_complete(step.out):
+            status[i] = "skipped (complete)"
+            print(f"[{step.stage}] {step.dataset}: already complete in {step.out}; skipped", flush=True)
+            continue
+        print(f"[{step.stage}] {step.dataset}: running -> {step.out}", flush=True)
+        t0 = time.time()
+        result = stage.run(step, cfg)
+        if getattr(result, "stopped_by", None) == "signal":
+            print(f"[{step.stage}] {step.dataset}: stopped by a signal; state saved in {step.out / 'last.pt'}; re-run "
+                  "the same command to resume", file=sys.stderr)
+            return EXIT_REQUEUE
+        status[i] = f"ran ({time.time() - t0:.0f} s)"
+        print(f"[{step.stage}] {step.dataset}: {stage.headline(step.out)}", flush=True)
+    table = ["| stage | dataset | status | output | headline |", "|---|---|---|---|---|"]
+    for i, step in enumerate(steps):
+        table.append(f"| {step.stage} | {step.dataset} | {status[i]} | {os.path.relpath(step.out, out)} | "
+                     f"{STAGES[step.stage].headline(step.out)} |")
+    comparison = _comparison(steps)
+    summary = [f"# molmat run: {out}", "", *table] + (["", "Test MAE, pretrained vs scratch:", "", *comparison]
+                                                        if comparison else [])
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    print("\n" + "\n".join(summary[2:]))
+    print(f"\nrun finished in {time.time() - t_all:.0f} s: outputs in {out}, this table in {out / 'summary.md'}")
     return 0
 
 
@@ -273,6 +481,35 @@ def cmd_density_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line. An error raised in a DataLoader worker arrives with the
+    worker's traceback in its message; its last line is the error."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split("\n")).strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="molmat", description="Graph learning for molecules and crystals.")
@@ -283,12 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="raw files -> LMDB graph shards")
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="file, directory or archive")
     p.add_argument("--out", required=True, help="output shard directory")
-    p.add_argument("--labels", help="labels CSV (CIF directory/archive, SDF)")
-    p.add_argument("--format", help="input format (qm9_xyz, sdf, smiles_csv, cif, pymatgen_json); default: detect")
+    p.add_argument("--labels", help="labels CSV (CIF or POSCAR file/directory/archive, SDF)")
+    p.add_argument("--format", help="input format (qm9_xyz, sdf, smiles_csv, cif, pymatgen_json, poscar, extxyz, "
+                   "ase_db); default: detect from file names")
     p.add_argument("--targets", help="comma-separated label names to keep")
-    p.add_argument("--workers", type=int, help="worker processes (default from config)")
-    p.add_argument("--part", type=int, default=0, help="process part I of --parts N (Slurm array index)")
-    p.add_argument("--parts", type=int, default=1, help="number of parts")
+    p.add_argument("--workers", type=_count, help="worker processes (default from config; 0 = in this process)")
+    p.add_argument("--part", type=_count, default=0, help="process part I of --parts N (Slurm array index)")
+    p.add_argument("--parts", type=_positive, default=1, help="number of parts")
     p.add_argument("--merge", nargs="+", metavar="PART_DIR", help="merge finished part directories into --out")
     _common(p)
     p.set_defaults(func=cmd_preprocess)
@@ -302,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="3D Infomax: align the 2D MPNN with the 3D encoder on shards")
     p.add_argument("--data", required=True, nargs="+", help="shard directories (molecules and/or crystals)")
     p.add_argument("--out", required=True, help="encoder directory")
+    p.add_argument("--restart", action="store_true", help="start afresh: move the state of the run OUT holds "
+                   "(last.pt, the encoder, metrics) to OUT/previous/")
     _common(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -318,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shard directory (with split.json)")
     p.add_argument("--out", required=True, help="run directory (best/, last.pt, metrics.csv)")
     p.add_argument("--init", help="pretrained encoder directory")
+    p.add_argument("--restart", action="store_true", help="start afresh: move the state of the run OUT holds "
+                   "(last.pt, best/, metrics) to OUT/previous/")
     _common(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -331,13 +573,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict properties for raw structure files")
     p.add_argument("run", help="run or model directory")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="xyz/sdf/csv/cif/json files, directories or archives")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="xyz/extxyz/sdf/csv/cif/json/POSCAR/ASE .db files, "
+                   "directories or archives")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--format", help="input format (default: detect)")
     _common(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("run", help="all stages on the datasets in the config (the shipped samples by default)")
+    p = sub.add_parser("run", help="every stage (preprocess, pretrain, finetune from it and from scratch, evaluate) "
+                       "on the datasets in the config (the shipped samples by default); completed steps are skipped")
     p.add_argument("--out", help="run directory (default: run.out from the config)")
     _common(p)
     p.set_defaults(func=cmd_run)
@@ -370,7 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MolmatError as exc:
-        print(f"molmat: error: {exc}", file=sys.stderr)
+        print(f"molmat: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment (disk full, read-only, a file where a directory belongs), not a bug
+        from pipeline.files import environment_error
+
+        print(f"molmat: error: {_one_line(environment_error(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("molmat: interrupted; re-run the same command to resume", file=sys.stderr)

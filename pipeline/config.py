@@ -54,6 +54,9 @@ class CrystalFeaturization(_Section):
     max_neighbors: int = Field(12, ge=1, description="keep the nearest N neighbours of each atom")
     tie_tolerance: float = Field(1e-3, ge=0, description="also keep neighbours within this distance (Angstrom) of "
                                  "the N-th, so a coordination shell is never cut (0 = strict cut)")
+    min_volume_per_atom: float = Field(1.0, gt=0, description="reject cells with less volume per atom (Angstrom^3; "
+                                       "real solids have 5 or more) before the neighbour search, whose cost grows "
+                                       "with the inverse of it")
 
 
 class PreprocessConfig(_Section):
@@ -65,6 +68,8 @@ class PreprocessConfig(_Section):
     shard_size: int = Field(10000, ge=1)
     workers: int = Field(2, ge=0, description="featurisation processes; 0 = in the main process")
     chunk_size: int = Field(64, ge=1, description="records per task sent to a worker")
+    min_distance: float = Field(0.5, gt=0, description="reject structures with two atoms closer than this "
+                                "(Angstrom; periodic images included); H2's bond is 0.74")
     molecule: MoleculeFeaturization = Field(default_factory=MoleculeFeaturization)
     crystal: CrystalFeaturization = Field(default_factory=CrystalFeaturization)
 
@@ -77,6 +82,13 @@ class SplitConfig(_Section):
     test: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _train_is_left(self) -> "SplitConfig":
+        if self.val + self.test >= 1:
+            raise ValueError(f"split.val + split.test must be below 1 (got {self.val} + {self.test}); the rest is "
+                             "the train split")
+        return self
+
 
 class SourceSpec(_Section):
     """One dataset that ``molmat run`` preprocesses."""
@@ -88,12 +100,29 @@ class SourceSpec(_Section):
     targets: list[str] | None = None
 
 
+#: The stages ``molmat run`` knows, in the order it runs them.
+RUN_STAGES = ("preprocess", "pretrain", "finetune", "evaluate")
+
+
 class RunConfig(_Section):
     """The ``run`` command: every stage in order on the configured datasets."""
 
     out: str = "runs/sample"
     datasets: list[SourceSpec] = Field(default_factory=list)
-    finetune_minutes: float = Field(1.0, gt=0, description="training budget per dataset in `molmat run`")
+    stages: list[Literal["preprocess", "pretrain", "finetune", "evaluate"]] = Field(
+        default_factory=lambda: list(RUN_STAGES), description="stages to run (always in the order of RUN_STAGES); "
+        "with pretrain, every dataset is fine-tuned from the pretrained encoder and, for comparison, from scratch")
+    pretrain_minutes: float = Field(0.5, gt=0, description="pretraining budget (all datasets together) in `molmat run`")
+    finetune_minutes: float = Field(0.5, gt=0, description="training budget per dataset and arm in `molmat run`")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "RunConfig":
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"run.stages lists a stage twice: {self.stages}")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"run.datasets has two datasets with the same name: {names}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -482,6 +511,10 @@ def write_resolved(config: Config, out_dir: str | Path, name: str = "config.reso
     out.mkdir(parents=True, exist_ok=True)
     target = out / name
     tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(target)
+    try:
+        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        tmp.replace(target)
+    except BaseException:  # a full disk: no temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return target

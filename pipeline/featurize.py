@@ -30,7 +30,7 @@ from pipeline import neighbours
 from pipeline import records as R
 from pipeline.config import PreprocessConfig
 from pipeline.elements import element_symbol
-from pipeline.readers import QM9_PROPERTIES, RawRecord
+from pipeline.readers import LABEL_ERROR, QM9_PROPERTIES, UNREADABLE, RawRecord
 
 #: Version of the featurisation below; models refuse shards made with another one.
 FEATURIZATION_VERSION = 2
@@ -58,24 +58,37 @@ def _qm9_float(token: str) -> float:
 def parse_labels(raw: dict[str, Any], targets: list[str]) -> np.ndarray:
     """Convert raw label values to float64 in target order; missing values become NaN.
 
+    Missing means absent, empty, or a NaN spelling (``nan``, ``NA``, ``null``, ...). Infinity is
+    not a label value: stored, it would count as missing everywhere downstream and hide a
+    broken source, so it is refused.
+
     Raises:
-        RecordError: a value is present but not a number.
+        RecordError: a value is present but not a finite number, or the reader could not read
+            the record's labels (``raw[LABEL_ERROR]``, when any target is asked for).
     """
+    if targets and LABEL_ERROR in raw:
+        raise RecordError(str(raw[LABEL_ERROR]))
     y = np.full(len(targets), np.nan, dtype=np.float64)
     for i, name in enumerate(targets):
         value = raw.get(name)
         if value is None:
             continue
         if isinstance(value, (int, float)):
-            y[i] = float(value)
-            continue
-        text = str(value).strip()
-        if text == "" or text.lower() in ("nan", "na", "n/a", "none", "null"):
-            continue
-        try:
-            y[i] = _qm9_float(text)
-        except ValueError:
-            raise RecordError(f"label '{name}' is not a number: {text!r}") from None
+            try:
+                y[i] = float(value)
+            except OverflowError:  # a JSON integer beyond float range
+                raise RecordError(f"label '{name}' is out of the float range: {value!r:.40}") from None
+        else:
+            text = str(value).strip()
+            if text == "" or text.lower() in ("nan", "na", "n/a", "none", "null"):
+                continue
+            try:
+                y[i] = _qm9_float(text)
+            except ValueError:
+                raise RecordError(f"label '{name}' is not a number: {text[:60]!r}") from None
+        if np.isinf(y[i]):
+            raise RecordError(f"label '{name}' is infinite ({value!r:.40}); write NaN or leave it empty for a "
+                              "missing value")
     return y
 
 
@@ -138,6 +151,10 @@ def _parse_xyz(text: str) -> tuple[list[str], np.ndarray, list[str], str | None]
             pos[i] = [_qm9_float(t) for t in parts[1:4]]
         except ValueError:
             raise RecordError(f"xyz: atom line {i + 1}: coordinates are not numbers: {parts[1:4]}") from None
+    if len(lines) > n + 2 and _is_atom_line(lines[n + 2]):
+        # a count that is too small would silently drop the atoms after it
+        raise RecordError(f"xyz: {n} atoms declared, but line {n + 3} is another atom line "
+                          f"({lines[n + 2].strip()[:40]!r}); the atom count on line 1 is wrong")
     smiles = None
     if len(lines) > n + 3:
         cols = lines[n + 3].split()
@@ -145,10 +162,41 @@ def _parse_xyz(text: str) -> tuple[list[str], np.ndarray, list[str], str | None]
     return symbols, pos, lines[1].split(), smiles
 
 
-def _qm9_labels(comment: list[str]) -> dict[str, Any]:
-    """QM9 line 2: ``gdb <index>`` then the 15 properties."""
-    if len(comment) >= 17 and comment[0] == "gdb":
+def _is_atom_line(line: str) -> bool:
+    """True for ``element x y z ...`` (an element symbol, then three numbers)."""
+    parts = line.split()
+    if len(parts) < 4 or not parts[0].isalpha():
+        return False
+    try:
+        [_qm9_float(t) for t in parts[1:4]]
+    except ValueError:
+        return False
+    return True
+
+
+def _is_number_token(token: str) -> bool:
+    try:
+        _qm9_float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _qm9_labels(comment: list[str], source: str = "") -> dict[str, Any]:
+    """QM9 line 2: ``gdb <index>`` then the 15 properties.
+
+    A plain xyz comment gives no labels. A damaged QM9 property line (a file named like QM9's
+    ``dsgdb9nsd_*``, or a line that ends in 15 numbers, without the exact ``gdb <index>`` layout)
+    gives :data:`LABEL_ERROR` instead of silently no labels.
+    """
+    if len(comment) == 17 and comment[0] == "gdb":
         return {name: comment[2 + i] for i, (name, _) in enumerate(QM9_PROPERTIES)}
+    name = source.replace("::", "/").rsplit("/", 1)[-1]
+    looks_qm9 = len(comment) >= 16 and all(_is_number_token(t) for t in comment[-15:])
+    if name.startswith("dsgdb9nsd_") or looks_qm9:
+        shown = " ".join(comment)[:60]
+        return {LABEL_ERROR: f"xyz: damaged QM9 property line (expected 'gdb <index>' and 15 numbers, got "
+                             f"{len(comment)} fields: {shown!r}); its labels cannot be read"}
     return {}
 
 
@@ -241,13 +289,99 @@ def _molecule_arrays(mol: Any, pos: np.ndarray | None, cfg: PreprocessConfig) ->
     if pos is not None:
         if not np.all(np.isfinite(pos)):
             raise RecordError("coordinates contain NaN or infinity")
+        check_geometry(pos, z, None, cfg)
         out[R.POS] = pos.astype(np.float64)
         src, dst = molecule_neighbours(pos, cfg.molecule.cutoff)
         out[R.NBR_INDEX] = np.stack([src, dst]).astype(np.int32)
         out[R.NBR_IMAGE] = np.zeros((src.size, 3), dtype=np.int8)
     if cfg.molecule.conformers > 0:
-        out[R.CONFORMERS] = _extra_conformers(mol, cfg.molecule.conformers, cfg.molecule.seed)
+        out[R.CONFORMERS] = _extra_conformers(mol, cfg.molecule.conformers, cfg.molecule.seed,
+                                              cfg.molecule.cutoff + 1.0)
     return out
+
+
+#: Largest coordinate or lattice vector component accepted (Angstrom): far beyond any real
+#: structure, and small enough that distances and periodic image ranges stay finite.
+MAX_COORDINATE = 1e5
+#: Largest number of neighbour pairs a crystal's search may be expected to find, estimated from
+#: the density before searching (about 1 GB of pairs at the search's peak).
+MAX_NEIGHBOUR_PAIRS = 2e7
+
+
+def check_geometry(pos: np.ndarray, z: np.ndarray, cell: np.ndarray | None, cfg: PreprocessConfig) -> None:
+    """Refuse geometry no real structure has, before the neighbour search spends memory on it.
+
+    :func:`check_extent`, then :func:`check_min_distance`.
+
+    Args:
+        pos: (N, 3) Cartesian coordinates, Angstrom, finite.
+        z: (N,) atomic numbers (for messages).
+        cell: (3, 3) lattice vectors as rows (Angstrom), or None for a molecule.
+        cfg: the preprocessing config.
+    Raises:
+        RecordError: naming the check, the atoms and the setting to change.
+    """
+    check_extent(pos, cell, cfg)
+    check_min_distance(pos, z, cell, cfg)
+
+
+def check_extent(pos: np.ndarray, cell: np.ndarray | None, cfg: PreprocessConfig) -> None:
+    """Coordinates (and lattice vectors) within +-:data:`MAX_COORDINATE` Angstrom; for crystals,
+    at least ``preprocess.crystal.min_volume_per_atom`` of cell volume per atom and an expected
+    pair count (density x cutoff sphere x atoms) below :data:`MAX_NEIGHBOUR_PAIRS`.
+
+    Args and errors as :func:`check_geometry`.
+    """
+    values = np.abs(pos) if cell is None else np.concatenate([np.abs(pos).ravel(), np.abs(cell).ravel()])
+    if values.size and values.max() > MAX_COORDINATE:
+        raise RecordError(f"a coordinate is {float(values.max()):.3g} A from the origin (more than "
+                          f"{MAX_COORDINATE:.0e} A): not a physical structure")
+    n = len(pos)
+    if cell is not None:
+        per_atom = abs(float(np.linalg.det(cell))) / n
+        if per_atom < cfg.crystal.min_volume_per_atom:
+            raise RecordError(f"cell volume per atom is {per_atom:.3g} A^3, below "
+                              f"preprocess.crystal.min_volume_per_atom ({cfg.crystal.min_volume_per_atom} A^3): "
+                              "a degenerate or mis-scaled cell")
+        rc = cfg.crystal.cutoff
+        pairs = n * (4.0 / 3.0 * math.pi * rc ** 3) / per_atom
+        if pairs > MAX_NEIGHBOUR_PAIRS:
+            raise RecordError(f"the neighbour search would find about {pairs:.2g} pairs ({n} atoms, {per_atom:.3g} "
+                              f"A^3 per atom, cutoff {rc} A; at most {MAX_NEIGHBOUR_PAIRS:.0e}); lower "
+                              "preprocess.crystal.cutoff")
+
+
+def check_min_distance(pos: np.ndarray, z: np.ndarray, cell: np.ndarray | None, cfg: PreprocessConfig,
+                       edges: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """No two atoms (periodic images included) closer than ``preprocess.min_distance``.
+
+    Args:
+        pos, z, cell, cfg: as :func:`check_geometry`.
+        edges: a crystal's neighbour list ``(src, dst, image)`` reaching at least
+            ``min_distance`` (it holds each atom's nearest neighbours, so the closest pair), which
+            spares a second search; None to search here.
+    Raises:
+        RecordError: naming the two atoms, their distance and the setting.
+    """
+    n = len(pos)
+    if edges is not None:
+        a, b, image = edges
+        dist = np.linalg.norm(pos[a] + image @ cell - pos[b], axis=1) if len(a) else np.zeros(0)
+    elif cell is None and n <= 512:  # all pairs at once: cheaper than a search for a molecule
+        d2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
+        a, b = np.triu_indices(n, 1)
+        dist = np.sqrt(d2[a, b])
+        image = np.zeros((len(a), 3), np.int64)
+    else:
+        a, b, image, dist = neighbours.radius_search(pos, pos, cfg.min_distance, cell, exclude_self=True, tol=0.0)
+    if not len(dist) or dist.min() >= cfg.min_distance:
+        return
+    k = int(np.argmin(dist))
+    i, j = int(a[k]), int(b[k])
+    where = "its own periodic image" if i == j else (f"atom {j} ({symbol_of(int(z[j]))})"
+                                                     + (" in a neighbouring cell" if image[k].any() else ""))
+    raise RecordError(f"atom {i} ({symbol_of(int(z[i]))}) is {float(dist[k]):.3g} A from {where}, closer than "
+                      f"preprocess.min_distance ({cfg.min_distance} A): overlapping or duplicated atoms")
 
 
 def molecule_neighbours(pos: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
@@ -258,8 +392,11 @@ def molecule_neighbours(pos: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.
     return neighbours.molecule_neighbours(pos, cutoff)
 
 
-def _extra_conformers(mol: Any, count: int, seed: int) -> np.ndarray:
-    """``count`` ETKDG conformers (K, N, 3) float32 in the molecule's atom order."""
+def _extra_conformers(mol: Any, count: int, seed: int, gap: float = 6.0) -> np.ndarray:
+    """``count`` ETKDG conformers (K, N, 3) float32 in the molecule's atom order.
+
+    Fragments of a multi-fragment molecule are moved ``gap`` apart (:func:`separate_fragments`).
+    """
     rd = _rdkit()
     copy = rd["Chem"].Mol(mol)
     copy.RemoveAllConformers()
@@ -267,8 +404,42 @@ def _extra_conformers(mol: Any, count: int, seed: int) -> np.ndarray:
     params.randomSeed = seed
     params.numThreads = 1
     ids = list(rd["AllChem"].EmbedMultipleConfs(copy, numConfs=count, params=params))
-    confs = [copy.GetConformer(i).GetPositions() for i in ids]
+    confs = [separate_fragments(mol, copy.GetConformer(i).GetPositions(), gap) for i in ids]
     return np.asarray(confs, dtype=np.float32).reshape(len(confs), mol.GetNumAtoms(), 3)
+
+
+def separate_fragments(mol: Any, pos: np.ndarray, gap: float) -> np.ndarray:
+    """Coordinates with the fragments of a multi-fragment molecule (a salt, a mixture) set apart.
+
+    ETKDG embeds each fragment of ``Na+.Cl-`` or ``CC(=O)[O-].[NH4+]`` around the same origin, so
+    fragments overlap. Their relative placement is undefined by a SMILES; here each fragment
+    after the first keeps its own conformer and is moved along x until its atoms are ``gap``
+    beyond the previous fragments, at the first fragment's y, z centre. With ``gap`` above the
+    3D neighbour cutoff no 3D edge joins two fragments, so the graph does not depend on the
+    placement.
+
+    Args:
+        mol: the RDKit molecule (with hydrogens).
+        pos: (N, 3) coordinates, Angstrom, in the molecule's atom order.
+        gap: distance (Angstrom) between the fragments' extents along x.
+    Returns:
+        (N, 3) coordinates; ``pos`` itself for a single fragment.
+    """
+    frags = _rdkit()["Chem"].GetMolFrags(mol)
+    if len(frags) < 2:
+        return pos
+    out = np.array(pos, dtype=np.float64)
+    first = list(frags[0])
+    centre_yz = out[first, 1:].mean(0)
+    right = out[first, 0].max()
+    for atoms in frags[1:]:
+        idx = list(atoms)
+        block = out[idx]
+        block[:, 0] += right + gap - block[:, 0].min()
+        block[:, 1:] += centre_yz - block[:, 1:].mean(0)
+        out[idx] = block
+        right = block[:, 0].max()
+    return out
 
 
 def _embed(mol: Any, seed: int) -> np.ndarray:
@@ -292,6 +463,7 @@ def featurize_molecule(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str,
     if raw.fmt == "xyz":
         symbols, pos, comment, smiles = _parse_xyz(raw.data)
         ptable = rd["ptable"]
+        numbers: list[int] = []
         for i, s in enumerate(symbols):
             try:
                 zi = ptable.GetAtomicNumber(s)
@@ -299,12 +471,17 @@ def featurize_molecule(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str,
                 raise RecordError(f"xyz: unknown element symbol {s!r} at atom {i}") from None
             if zi > MAX_Z:
                 raise RecordError(f"element {s} (Z={zi}) at atom {i} is outside the supported table (Z 1-{MAX_Z})")
+            numbers.append(zi)
+        if not np.all(np.isfinite(pos)):
+            raise RecordError("coordinates contain NaN or infinity")
+        # before RDKit perceives bonds: overlapping atoms would fail there with a less clear reason
+        check_geometry(pos, np.asarray(numbers), None, cfg)
         mol = _mol_from_xyz(symbols, pos, smiles)
         try:
             Chem.SanitizeMol(mol)
         except Exception as exc:
             raise RecordError(f"xyz: RDKit could not sanitize the molecule ({str(exc).splitlines()[0]})") from None
-        labels = labels or _qm9_labels(comment)
+        labels = labels or _qm9_labels(comment, raw.source)
     elif raw.fmt == "molblock":
         mol = Chem.MolFromMolBlock(raw.data, removeHs=False, sanitize=True)
         if mol is None:
@@ -317,6 +494,8 @@ def featurize_molecule(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str,
             raise RecordError(f"RDKit rejected the SMILES {smi!r}")
         mol = Chem.AddHs(base)
         pos = _embed(mol, cfg.molecule.seed) if cfg.molecule.embed_smiles else None
+        if pos is not None:  # a salt's ions are embedded on top of each other: set them apart
+            pos = separate_fragments(mol, pos, cfg.molecule.cutoff + 1.0)
     else:
         raise RecordError(f"unsupported molecule payload '{raw.fmt}'")
     if mol.GetNumAtoms() == 0:
@@ -326,7 +505,7 @@ def featurize_molecule(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str,
 
 # ------------------------------------------------------------------------------------- crystals
 def _structure(raw: RawRecord) -> Any:
-    """pymatgen Structure from a CIF text or a structure dict."""
+    """pymatgen Structure from a CIF or POSCAR text, or a structure dict."""
     from pymatgen.core import Structure
 
     with warnings.catch_warnings():
@@ -334,6 +513,15 @@ def _structure(raw: RawRecord) -> Any:
         try:
             if raw.fmt == "cif":
                 return Structure.from_str(raw.data, fmt="cif")
+            if raw.fmt == "poscar":
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    structure = Structure.from_str(raw.data, fmt="poscar")
+                # VASP 4 files without element names: pymatgen names the species H, He, ... and warns
+                if any("cannot be determined" in str(w.message) for w in caught):
+                    raise RecordError("poscar: the element names are missing (VASP 4 layout: no element line and no "
+                                      "symbols after the coordinates); add the VASP 5 element line")
+                return structure
             if raw.fmt == "pymatgen":
                 if not isinstance(raw.data, dict):
                     raise RecordError("pymatgen JSON: entry is not a structure dict")
@@ -361,19 +549,32 @@ def periodic_neighbours(cart: np.ndarray, cell: np.ndarray, cutoff: float, max_n
 
 def featurize_crystal(raw: RawRecord, cfg: PreprocessConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Crystal record to arrays; returns (arrays, raw labels)."""
+    from pymatgen.core.periodic_table import DummySpecies
+
     s = _structure(raw)
+    if len(s) == 0:
+        raise RecordError("structure has no atoms")
     if not s.is_ordered:
         raise RecordError("disordered structure (partial occupancies) is not supported")
+    for i, site in enumerate(s):
+        if isinstance(site.specie, DummySpecies):  # pymatgen's Z of an unknown symbol is a hash
+            raise RecordError(f"unknown element {site.specie.symbol!r} at atom {i}")
     z = np.array([site.specie.Z for site in s], dtype=np.int64)
     _check_elements(z, [site.specie.symbol for site in s])
     cell = np.array(s.lattice.matrix, dtype=np.float64)
     cart = np.array(s.cart_coords, dtype=np.float64)
-    if abs(np.linalg.det(cell)) < 1e-6:
-        raise RecordError("lattice has zero volume")
     if not (np.isfinite(cart).all() and np.isfinite(cell).all()):
         raise RecordError("coordinates contain NaN or infinity")
+    if abs(np.linalg.det(cell)) < 1e-6:
+        raise RecordError("lattice has zero volume")
+    check_extent(cart, cell, cfg)  # before the search, whose cost these bound
     src, dst, image = neighbours.crystal_neighbours(cart, cell, cfg.crystal.cutoff, cfg.crystal.max_neighbors,
                                                     cfg.crystal.tie_tolerance)
+    # the neighbour list holds every atom's nearest neighbours: the closest pair is among its edges
+    check_min_distance(cart, z, cell, cfg, (src, dst, image) if cfg.crystal.cutoff >= cfg.min_distance else None)
+    if image.size and np.abs(image).max() > 127:  # stored as int8
+        raise RecordError(f"a neighbour lies {int(np.abs(image).max())} cells away (more than 127): the cell is far "
+                          f"thinner than preprocess.crystal.cutoff ({cfg.crystal.cutoff} A)")
     lonely = np.setdiff1d(np.arange(len(z)), dst)
     if lonely.size:
         raise RecordError(f"atom {int(lonely[0])} ({s[int(lonely[0])].specie.symbol}) has no neighbour within "
@@ -396,6 +597,8 @@ def featurize(raw: RawRecord, targets: list[str], cfg: PreprocessConfig) -> dict
     Raises:
         RecordError: the record cannot be used; the message says why.
     """
+    if raw.fmt == UNREADABLE:  # the reader could not read it; its payload is the reason
+        raise RecordError(str(raw.data))
     if raw.kind == R.MOLECULE:
         arrays, labels = featurize_molecule(raw, cfg)
     elif raw.kind == R.CRYSTAL:

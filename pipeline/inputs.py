@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from pipeline import MolmatError
 from pipeline.config import PreprocessConfig
 from pipeline.featurize import RecordError, featurize
-from pipeline.readers import open_source
+from pipeline.readers import open_input
 
 #: Keys of a failure item (a record that could not be featurised).
 ERROR = "_error"
@@ -29,19 +29,26 @@ def featurized_inputs(inputs: list[str], preprocess: dict[str, Any], fmt: str = 
     Yields:
         Featurised records (see :mod:`pipeline.featurize`), or ``{"_id", "_source", "_error"}``
         for an input that cannot be used (one per structure when the file is readable, one per
-        file otherwise), in input order.
+        file, or per unreadable rest of a file, otherwise), in input order. Never raises for
+        bad input: any error featurising a structure (a MemoryError, a RecursionError, a bug)
+        becomes its error.
     """
     cfg = PreprocessConfig.model_validate({k: v for k, v in preprocess.items() if k in PreprocessConfig.model_fields})
     for path in inputs:
         try:
-            reader = open_source(path, fmt)
-            for raw in reader.records():
-                try:
-                    yield featurize(raw, [], cfg)
-                except RecordError as exc:
-                    yield {"_id": raw.rid, "_source": raw.source, ERROR: str(exc)}
+            reader = open_input(path, fmt)  # unreadable content comes back as records with a reason
         except (MolmatError, OSError, ValueError) as exc:
             yield {"_id": Path(path).stem, "_source": str(path), ERROR: str(exc)}
+            continue
+        for raw in reader.records():
+            try:
+                yield featurize(raw, [], cfg)
+            except RecordError as exc:
+                yield {"_id": raw.rid, "_source": raw.source, ERROR: str(exc)}
+            except Exception as exc:  # one structure must not cost the rows of the others
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                yield {"_id": raw.rid, "_source": raw.source,
+                       ERROR: f"could not be featurised ({type(exc).__name__}: {first})"}
 
 
 def domain_check(rec: dict[str, Any], meta: dict[str, Any]) -> tuple[str, str]:

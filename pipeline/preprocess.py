@@ -11,18 +11,29 @@ copying records. ``manifest.json`` is written last: its presence means the direc
 A record that cannot be used goes to ``rejects.jsonl`` and the run goes on. A run in which every
 record was rejected, or in which an unexpected exception (a bug, not bad data) rejected records,
 still writes everything, then fails with a :class:`MolmatError` saying so.
+
+A worker process that dies (killed, or by the kernel's out-of-memory killer) does not hang the
+run: the records it was working on are featurised again, one at a time, in fresh workers, and a
+record whose worker dies again is rejected with that reason. One run at a time writes into an
+output directory: :class:`DirectoryLock` (a lock file with the holder's pid and host, released
+by the kernel when the holder dies) makes a second run refuse.
 """
 from __future__ import annotations
 
 import collections
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -34,13 +45,17 @@ from pipeline import FORMAT_VERSION, MolmatError, __version__
 from pipeline import records as R
 from pipeline.config import Config, PreprocessConfig, write_resolved
 from pipeline.featurize import RecordError, featurization_spec, featurize
-from pipeline.readers import RawRecord, SourceReader, format_kind, open_source
-from pipeline.shards import (MANIFEST, REJECTS, STATS, RunningStats, ShardWriter, close_shards, dataset_facts,
-                             dataset_has_coordinates, encode_record, read_shard_meta, shard_facts, shard_name,
-                             write_json_atomic)
+from pipeline.readers import RawRecord, SourceReader, format_kind, open_input
+from pipeline.shards import (MANIFEST, REJECTS, STATS, RunningStats, ShardWriter, check_shard_size, close_shards,
+                             dataset_facts, dataset_has_coordinates, encode_record, read_shard_meta, sha256_of,
+                             shard_facts, shard_name, write_json_atomic)
 
 log = logging.getLogger("molmat.preprocess")
 PROGRESS = "progress.json"
+LOCK = ".molmat.lock"
+#: Reject reason of a record whose worker process died twice (the second time featurising it alone).
+WORKER_DIED = ("the worker process died while featurising this record, also when retried alone (killed, or out of "
+               "memory)")
 
 
 @dataclass
@@ -163,6 +178,21 @@ def _fingerprint(inputs: list[dict[str, Any]], cfg: PreprocessConfig, targets: l
             "featurization": featurization_spec(cfg), "parts": list(parts)}
 
 
+def dataset_identity(fingerprint: dict[str, Any], shard_size: int) -> str:
+    """The identity of a dataset: a sha256 over what decides its records and their numbering.
+
+    Input contents (sha256 and format, not paths, so moving the inputs keeps it), preprocessing
+    settings, featurisation, targets, format version and shard size; not ``--part``, so the
+    parts of one dataset share it. Stored in the manifest (``dataset_id``) and in every shard's
+    ``__meta__`` (``dataset``), where readers compare the two.
+    """
+    ident = {"format_version": fingerprint["format_version"],
+             "inputs": [[i["sha256"], i["format"]] for i in fingerprint["inputs"]],
+             "preprocess": fingerprint["preprocess"], "featurization": fingerprint["featurization"],
+             "targets": fingerprint["targets"], "shard_size": shard_size}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
 def _check_resume(out: Path, fingerprint: dict[str, Any]) -> None:
     """Refuse to mix shards of a different run in one directory; name what differs."""
     path = out / PROGRESS
@@ -170,34 +200,222 @@ def _check_resume(out: Path, fingerprint: dict[str, Any]) -> None:
         if any(out.glob("data.*.lmdb")):
             raise MolmatError(f"{out}: holds shards but no {PROGRESS}; choose an empty --out directory")
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_bytes())
+    except ValueError:
+        raise MolmatError(f"{path}: damaged ({PROGRESS} is not valid JSON); delete {out} or use a new --out "
+                          "directory") from None
     if old != fingerprint:
         diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         raise MolmatError(f"{out}: holds shards of a different preprocessing run (differs in: {', '.join(diff)}); "
                           "use a new --out directory or delete this one")
 
 
-def _bounded_results(pool: Any, chunks: Iterator[list[tuple[int, RawRecord]]], in_flight: int) -> Iterator[list[tuple[int, Any]]]:
+class DirectoryLock:
+    """An exclusive lock on an output directory for the length of a ``with`` block.
+
+    The lock file ``DIR/.molmat.lock`` holds the holder's pid, host and command; the lock itself
+    is a ``flock`` on it, which the kernel releases when the holder dies (kill -9, OOM), so a
+    stale lock file is taken over without guessing. On a filesystem without ``flock`` the pid in
+    the file decides: a lock of a process that no longer runs on this host is taken over. The
+    file is removed on release.
+
+    Args:
+        directory: the directory to lock (must exist).
+        what: the operation, for messages ("preprocess").
+    Raises:
+        MolmatError: on entering, when another live process holds the lock; names it.
+    """
+
+    def __init__(self, directory: Path, what: str) -> None:
+        self.path = Path(directory) / LOCK
+        self.what = what
+        self.fd: int | None = None
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, holder: dict[str, Any]) -> MolmatError:
+        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+               if holder else "another process")
+        return MolmatError(f"{self.path.parent}: another molmat run is writing into this directory ({who}); wait for "
+                           f"it to finish or use another --out (lock file {self.path})")
+
+    def __enter__(self) -> "DirectoryLock":
+        host = socket.gethostname()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise self._refuse(self._holder()) from None
+                # no flock on this filesystem: the pid in the file decides (on another host it cannot
+                # be checked, so the lock counts as held)
+                holder = self._holder()
+                if holder and (holder.get("host") != host or _pid_alive(holder.get("pid"))):
+                    os.close(fd)
+                    raise self._refuse(holder) from None
+            try:  # the previous holder may have removed the file between our open and flock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": self.what,
+                "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before closing: no one may lock a file that is going away
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class _Workers:
+    """Featurisation worker processes; a dead worker (kill -9, OOM killer) is noticed, not waited for.
+
+    ``multiprocessing.Pool`` replaces a dead worker but never finishes its task, so a run waits
+    forever; :class:`ProcessPoolExecutor` fails every pending task with ``BrokenProcessPool``
+    instead, and :meth:`restart` starts fresh workers.
+
+    Args:
+        n: worker processes.
+        initargs: arguments of :func:`_init_worker`.
+    """
+
+    def __init__(self, n: int, initargs: tuple[Any, ...]) -> None:
+        self.n, self.initargs = n, initargs
+        self.ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context("spawn")
+        self.restarts = 0
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.n, mp_context=self.ctx, initializer=_init_worker, initargs=self.initargs)
+
+    def submit(self, chunk: list[tuple[int, RawRecord]]) -> Future:
+        """Featurise a chunk in a worker; the future's result is :func:`_process_chunk`'s."""
+        return self.pool.submit(_process_chunk, chunk)
+
+    def restart(self) -> None:
+        """Stop every worker of a broken pool and start fresh ones."""
+        self.kill()
+        self.restarts += 1
+        self.pool = self._start()
+
+    def kill(self) -> None:
+        """Terminate the workers now (their tasks are lost) and wait for them to exit."""
+        procs = list((getattr(self.pool, "_processes", None) or {}).values())
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # workers take SIGTERM's default action (see _init_worker)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+    def close(self) -> None:
+        """Let the workers finish and exit."""
+        self.pool.shutdown(wait=True)
+
+
+def _records_one_by_one(workers: _Workers, chunk: list[tuple[int, RawRecord]]) -> list[tuple[int, Any]]:
+    """Featurise each record of a chunk alone in a worker; a record whose worker dies is rejected."""
+    out: list[tuple[int, Any]] = []
+    for index, raw in chunk:
+        try:
+            out.extend(workers.submit([(index, raw)]).result())
+        except BrokenProcessPool:
+            log.warning("%s [%s]: the worker died featurising it alone; rejected", raw.source, raw.rid)
+            workers.restart()
+            out.append((index, {"reject": WORKER_DIED, "file": raw.source, "id": raw.rid}))
+    return out
+
+
+def _bounded_results(workers: _Workers | None, chunks: Iterator[list[tuple[int, RawRecord]]], in_flight: int
+                     ) -> Iterator[list[tuple[int, Any]]]:
     """Ordered results of ``_process_chunk`` with at most ``in_flight`` chunks queued.
 
-    ``Pool.imap`` would read the whole input iterator ahead; this keeps memory flat.
+    ``Pool.imap`` would read the whole input iterator ahead; this keeps memory flat. When a
+    worker dies, every unfinished chunk fails: the oldest is redone record by record in fresh
+    workers (:func:`_records_one_by_one`; which record killed the worker is unknown), the others
+    are queued again. Results stay in input order, so the shards do not depend on deaths that
+    featurising again survives.
     """
-    if pool is None:
+    if workers is None:
         for chunk in chunks:
             yield _process_chunk(chunk)
         return
     pending: collections.deque = collections.deque()
+
+    def head() -> list[tuple[int, Any]]:
+        chunk, fut = pending.popleft()
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            pass
+        log.warning("a featurisation worker died (killed, or out of memory); redoing its records one by one")
+        # chunks finished before the death keep their results; the rest are queued again
+        rest = [(c, f) for c, f in pending]
+        pending.clear()
+        workers.restart()
+        result = _records_one_by_one(workers, chunk)
+        for c, f in rest:
+            ok = f.done() and not f.cancelled() and f.exception() is None
+            pending.append((c, f if ok else workers.submit(c)))
+        return result
+
     for chunk in chunks:
-        pending.append(pool.apply_async(_process_chunk, (chunk,)))
+        pending.append((chunk, workers.submit(chunk)))
         if len(pending) >= in_flight:
-            yield pending.popleft().get()
+            yield head()
     while pending:
-        yield pending.popleft().get()
+        yield head()
 
 
 def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | None = None,
                labels: str | None = None, targets: list[str] | None = None, workers: int | None = None,
                part: int = 0, parts: int = 1) -> PreprocessSummary:
+    """Turn raw inputs into a shard directory, holding the directory's lock (:class:`DirectoryLock`).
+
+    Arguments, return value and errors as :func:`_preprocess`; also raises :class:`MolmatError`
+    when another run is writing into ``out``.
+    """
+    if not 0 <= part < parts:
+        raise MolmatError(f"--part {part} must be in 0..{parts - 1} for --parts {parts}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "preprocess"):
+        return _preprocess(sources, out, config, fmt, labels, targets, workers, part, parts)
+
+
+def _preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | None = None,
+                labels: str | None = None, targets: list[str] | None = None, workers: int | None = None,
+                part: int = 0, parts: int = 1) -> PreprocessSummary:
     """Turn raw inputs into a shard directory.
 
     Args:
@@ -220,7 +438,8 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
         raise MolmatError(f"--part {part} must be in 0..{parts - 1} for --parts {parts}")
     out = Path(out)
     fmt = fmt or cfg.format
-    readers = [open_source(s, fmt, labels) for s in sources]
+    # an input whose content cannot be read becomes a rejected record; the other inputs go on
+    readers = [open_input(s, fmt, labels) for s in sources]
     target_specs = _resolve_targets(readers, targets or cfg.targets, cfg.units)
     target_names = [t["name"] for t in target_specs]
     inputs = []
@@ -228,6 +447,7 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
         for f in r.files:
             inputs.append({"path": str(Path(f).resolve()), "format": r.fmt, "sha256": sha256_file(Path(f))})
     fingerprint = _fingerprint(inputs, cfg, target_specs, (part, parts))
+    dataset_id = dataset_identity(fingerprint, cfg.shard_size)
     out.mkdir(parents=True, exist_ok=True)
     close_shards()  # shard files in `out` may be replaced below; drop any cached read handles
     _check_resume(out, fingerprint)
@@ -239,7 +459,7 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
 
     size = cfg.shard_size
     mine = lambda shard: shard % parts == part  # noqa: E731
-    done = {int(p.name.split(".")[1]) for p in out.glob("data.*.lmdb")}
+    done = _finished_shards(out, dataset_id)
     if done:
         log.info("resuming: %d finished shard(s) in %s are kept", len(done), out)
 
@@ -273,14 +493,13 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
     with_coordinates = 0
 
     def finish_shard() -> None:
-        meta = {"format_version": FORMAT_VERSION, "shard": current, "count": writer.count,
+        meta = {"format_version": FORMAT_VERSION, "dataset": dataset_id, "shard": current, "count": writer.count,
                 "input_range": [current * size, current * size + writer.count + len(rejects)],
                 **shard_facts(kinds, with_coordinates),
                 "stats": stats.to_json(), "rejects": rejects, "scaffolds": scaffolds}
         writer.close(meta)
 
-    ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context("spawn")
-    pool = ctx.Pool(n_workers, initializer=_init_worker, initargs=(target_names, cfg.model_dump_json(), True)) if n_workers > 0 else None
+    pool = _Workers(n_workers, (target_names, cfg.model_dump_json(), True)) if n_workers > 0 else None
     if pool is None:
         _init_worker(target_names, cfg.model_dump_json())
     try:
@@ -314,16 +533,38 @@ def preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | N
         if writer is not None:
             writer.abort()
         if pool is not None:
-            pool.terminate()
+            pool.kill()
         raise
     finally:
         progress.close()
-        if pool is not None:
-            pool.join()
 
     n_seen = counter["seen"]
     n_shards = (n_seen + size - 1) // size
-    return _finalise(out, config, fingerprint, target_specs, n_seen, n_shards, part, parts, time.time() - t0)
+    return _finalise(out, config, fingerprint, target_specs, n_seen, n_shards, part, parts, time.time() - t0,
+                     dataset_id)
+
+
+def _finished_shards(out: Path, dataset_id: str) -> set[int]:
+    """Numbers of the shards a previous run of this dataset finished in ``out``.
+
+    A shard file that is not whole, or not of this dataset (left by a run of an older version,
+    or damaged since), is removed and made again instead of failing every re-run.
+    """
+    done = set()
+    for path in sorted(out.glob("data.*.lmdb")):
+        try:
+            number = int(path.name.split(".")[1])
+            meta = read_shard_meta(path)
+            ok = meta.get("dataset") == dataset_id and meta.get("shard") == number
+        except (ValueError, MolmatError):
+            ok = False
+        if ok:
+            done.add(number)
+        else:
+            close_shards()
+            log.warning("%s: not a finished shard of this run; it is made again", path)
+            path.unlink()
+    return done
 
 
 def _manifest_facts(metas: list[dict[str, Any]], inputs: list[dict[str, Any]], preprocess_cfg: dict[str, Any]
@@ -363,7 +604,7 @@ def _check_failures(out: Path, metas: list[dict[str, Any]], records: int) -> Non
 
 
 def _finalise(out: Path, config: Config, fingerprint: dict[str, Any], targets: list[dict[str, str]],
-              n_seen: int, n_shards: int, part: int, parts: int, seconds: float) -> PreprocessSummary:
+              n_seen: int, n_shards: int, part: int, parts: int, seconds: float, dataset_id: str) -> PreprocessSummary:
     """Collect shard metadata into manifest.json, stats.json, rejects.jsonl and (unsplit) split.json.
 
     Raises:
@@ -380,9 +621,10 @@ def _finalise(out: Path, config: Config, fingerprint: dict[str, Any], targets: l
             raise MolmatError(f"{path}: expected shard is missing after preprocessing")
         meta = read_shard_meta(path)
         metas.append(meta)
+        # size and sha256 let readers refuse a truncated or replaced file before mapping it
         shard_entries.append({"path": path.name, "shard": k, "count": meta["count"],
                               "input_range": meta["input_range"], "rejected": len(meta["rejects"]),
-                              "bytes": path.stat().st_size})
+                              "bytes": path.stat().st_size, "sha256": sha256_of(path)})
     stats = RunningStats.merge_json([m["stats"] for m in metas], len(targets))
     with open(out / (REJECTS + ".tmp"), "w") as fh:
         for m in metas:
@@ -393,7 +635,7 @@ def _finalise(out: Path, config: Config, fingerprint: dict[str, Any], targets: l
     n_rejected = sum(e["rejected"] for e in shard_entries)
     manifest = {
         "format_version": FORMAT_VERSION, "code_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": fingerprint["inputs"], "preprocess": fingerprint["preprocess"],
+        "dataset_id": dataset_id, "inputs": fingerprint["inputs"], "preprocess": fingerprint["preprocess"],
         "featurization": fingerprint["featurization"], "targets": targets,
         "records": sum(e["count"] for e in shard_entries), "rejected": n_rejected, "inputs_seen": n_seen,
         **_manifest_facts(metas, fingerprint["inputs"], fingerprint["preprocess"]),
@@ -414,17 +656,25 @@ def merge(part_dirs: list[str | Path], out: str | Path, config: Config) -> Prepr
     The new manifest points at the parts' shard files by relative path. Parts must come from the
     same inputs and preprocessing config, and together hold every shard.
     """
-    t0 = time.time()
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "preprocess --merge"):
+        return _merge(part_dirs, out, config)
+
+
+def _merge(part_dirs: list[str | Path], out: Path, config: Config) -> PreprocessSummary:
+    """:func:`merge`, with the lock on ``out`` held."""
+    from pipeline.shards import load_manifest
+
+    t0 = time.time()
     manifests = []
     for d in part_dirs:
-        path = Path(d) / MANIFEST
-        if not path.exists():
+        if not (Path(d) / MANIFEST).exists():
             raise MolmatError(f"{d}: no {MANIFEST}; that part has not finished")
-        manifests.append((Path(d), json.loads(path.read_text())))
+        manifests.append((Path(d), load_manifest(d)))
     ref_dir, ref = manifests[0]
     for d, m in manifests[1:]:
-        for key in ("inputs", "preprocess", "featurization", "targets", "shard_size", "parts"):
+        for key in ("inputs", "preprocess", "featurization", "targets", "shard_size", "parts", "dataset_id"):
             if m.get(key) != ref.get(key):
                 raise MolmatError(f"cannot merge {d} with {ref_dir}: they differ in '{key}' (made with different inputs or config)")
     parts_found = sorted(m["part"] for _, m in manifests)
@@ -436,6 +686,7 @@ def merge(part_dirs: list[str | Path], out: str | Path, config: Config) -> Prepr
         for e in m["shards"]:
             e = dict(e, path=os.path.relpath(Path(d).resolve() / e["path"], out.resolve()))
             entries.append(e)
+            check_shard_size(out / e["path"], e, Path(d) / MANIFEST)
             metas.append(read_shard_meta(out / e["path"]))
     order = sorted(range(len(entries)), key=lambda i: entries[i]["shard"])
     entries = [entries[i] for i in order]

@@ -4,13 +4,15 @@ stopping, a wall-clock budget, ``metrics.csv``, resumable ``last.pt``, preemptio
 The trainer knows nothing about chemistry. A stage hands it a model and a :class:`Task`: how to
 collate records, the training loss, the validation metrics, which metric to monitor, and how to
 save the best model. :class:`Callback` objects see every step, evaluation and save (the built-in
-:class:`TimingCallback` writes ``timing.json``, which the benchmarks read). Shuffling uses
+:class:`TimingCallback` writes ``timing.json``, which the benchmarks read, and
+:class:`pipeline.plots.LearningCurveCallback` redraws ``learning_curve.png``). Shuffling uses
 :class:`pipeline.loader.EpochSampler`, whose order depends only on (seed, epoch), so a run resumed
 from ``last.pt`` sees exactly the batches an uninterrupted run would, also mid-epoch.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -36,11 +38,56 @@ from pipeline.loader import EpochSampler, StopSafeLoader, make_loader
 log = logging.getLogger("molmat.train")
 
 
+def _dgl_runs_on(device: torch.device) -> str:
+    """'' when DGL can put a graph on ``device``, else why not (the wheel on PyPI is a CPU build)."""
+    import dgl
+
+    try:
+        dgl.graph(([0], [0])).to(device)
+    except Exception as exc:  # DGLError: "Device API cuda is not enabled"
+        return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return ""
+
+
 def pick_device(name: str) -> torch.device:
-    """``auto`` means CUDA when torch (and a CUDA build of DGL) can use it, else CPU."""
+    """The torch device ``train.device`` names, checked to be usable here.
+
+    ``auto`` means CUDA when torch and DGL can both use it, else CPU.
+
+    Raises:
+        MolmatError: an unknown device name, or CUDA asked for where torch or DGL cannot use
+            it (no GPU visible, a CPU build, a GPU index beyond the visible ones).
+    """
+    from pipeline import MolmatError
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        if torch.cuda.is_available():
+            why = _dgl_runs_on(torch.device("cuda"))
+            if not why:
+                return torch.device("cuda")
+            log.warning("torch sees a GPU but DGL cannot use it (%s): running on the CPU; install the CUDA build of "
+                        "DGL to use the GPU (README, GPUs)", why)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MolmatError(f"train.device={name!r} is not a device name ({str(exc).splitlines()[0][:120]}); use auto, "
+                          "cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise MolmatError(f"train.device={name!r}: molmat runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise MolmatError(f"train.device={name} but CUDA is not available here (no GPU visible, or a CPU build of "
+                          "torch); use --set train.device=auto or cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise MolmatError(f"train.device={name} but only {torch.cuda.device_count()} GPU(s) are visible (cuda:0.."
+                          f"cuda:{torch.cuda.device_count() - 1}); check CUDA_VISIBLE_DEVICES")
+    why = _dgl_runs_on(device)
+    if why:
+        raise MolmatError(f"train.device={name}: torch sees a GPU but DGL cannot use it ({why}); install the CUDA "
+                          "build of DGL (README, GPUs) or use --set train.device=cpu")
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +156,8 @@ class TimingCallback(Callback):
 
     ``timing.json`` (``timing.rank<R>.json`` on ranks > 0) holds ``graphs``, ``steps``,
     ``fit_s`` (wall time of :meth:`Trainer.fit`, what ``train.max_minutes`` limits), ``eval_s``,
-    ``save_s``, ``train_s`` (= fit - eval - save: steps including data loading), ``graphs_per_s``,
+    ``save_s`` (``last.pt``, ``best/`` and the learning curve drawn before ``last.pt``), ``train_s``
+    (= fit - eval - save: steps including data loading), ``graphs_per_s``,
     ``first_step_s``, and per epoch the training-only counters. Costs two clock reads a step.
     """
 
@@ -185,9 +233,12 @@ class _Schedule:
 
     def step(self, step: int) -> None:
         """Set every group's learning rate for optimizer step ``step`` (warm-up x schedule x plateau scale)."""
-        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        if self.cfg.schedule == "cosine" and step >= self.warmup:
-            t = min(1.0, (step - self.warmup) / max(self.total - self.warmup, 1))
+        # a budget that shortens the run (fit_budget) shortens the warm-up with it, or a short
+        # budgeted run (`molmat run`) would end before its learning rate had risen
+        warmup = min(self.warmup, self.total // 10)
+        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if self.cfg.schedule == "cosine" and step >= warmup:
+            t = min(1.0, (step - warmup) / max(self.total - warmup, 1))
             factor = 0.5 * (1 + math.cos(math.pi * t))
         else:
             factor = 1.0
@@ -258,7 +309,8 @@ class Trainer:
         param_groups: optional optimizer parameter groups (e.g. a separate encoder learning rate).
         rank, world_size: distributed position; only rank 0 writes files and logs.
         device: where batches go (default from ``cfg.device``).
-        callbacks: extra :class:`Callback` objects (a :class:`TimingCallback` is always added).
+        callbacks: extra :class:`Callback` objects (a :class:`TimingCallback` is always added, and on
+            rank 0 a :class:`pipeline.plots.LearningCurveCallback`, which draws ``learning_curve.png``).
     """
 
     def __init__(self, model: nn.Module, task: Task, train_set: Any, val_set: Any, cfg: TrainConfig, out: str | Path,
@@ -296,7 +348,11 @@ class Trainer:
         self.state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
                       "bad_epochs": 0, "elapsed": 0.0, "epoch_loss_sum": 0.0, "epoch_loss_count": 0,
                       "epoch_parts": {}}
-        self.callbacks: list[Callback] = [TimingCallback(), *callbacks]
+        # imported here: pipeline.plots subclasses Callback from this module
+        from pipeline.plots import LearningCurveCallback
+
+        # TimingCallback first: it opens the save window in which the learning curve is drawn
+        self.callbacks: list[Callback] = [TimingCallback(), *([LearningCurveCallback()] if rank == 0 else []), *callbacks]
         self._stop_signal: int | None = None
         self._writer = None
 
@@ -354,16 +410,39 @@ class Trainer:
         self._previous_handlers = {}
 
     # ------------------------------------------------------------------------------------ loop
+    def _diverged(self, what: str) -> None:
+        """Stop a run whose loss or validation metric is no longer a number; ``last.pt`` is not overwritten."""
+        from pipeline import MolmatError
+
+        last = self.out / "last.pt"
+        kept = (f"{last} (the last saved state) and the best model so far are kept"
+                if last.exists() else "no last.pt was written yet")
+        raise MolmatError(f"training diverged: {what}; {kept}. Lower train.lr (or set train.clip_grad) and re-run "
+                          "with --restart")
+
     def _log_metrics(self, row: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         path = self.out / "metrics.csv"
         new = not path.exists()
+        # the row is written in one piece and taken back if the write fails (a full disk), so a
+        # resumed run never appends after half a line
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
         with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
+            start = fh.tell()
+            try:
+                fh.write(buf.getvalue())
+                fh.flush()
+            except OSError:
+                try:
+                    fh.truncate(start)
+                except OSError:
+                    pass
+                raise
         if self._writer is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -417,6 +496,11 @@ class Trainer:
                 batch = batch.to(self.device)
                 self.schedule.step(self.state["step"])
                 loss, parts = self._train_step(batch)
+                diverged = not math.isfinite(loss)
+                if self.world > 1:  # every rank stops together, or DDP deadlocks
+                    diverged = any_flag(diverged, self.device)
+                if diverged:
+                    self._diverged(f"the training loss is {loss} at epoch {epoch}, step {self.state['step']}")
                 # epoch sums live in the resumable state, so an epoch interrupted by a signal
                 # reports the mean over all of its steps, not only those after the resume
                 self.state["epoch_loss_sum"] += loss
@@ -461,6 +545,9 @@ class Trainer:
             metrics = self.task.evaluate(self.raw_model, self.val_loader)
             self._emit("on_eval", epoch, metrics)
             value = metrics[self.task.monitor]
+            if not math.isfinite(value):
+                self._diverged(f"the validation {self.task.monitor} is {value} after epoch {epoch} (diverged weights, "
+                               "or no labels in the val split)")
             self.schedule.epoch_end(value)
             improved = value < self.state["best"]
             if improved:

@@ -10,6 +10,7 @@ import torch
 
 from pipeline import MolmatError
 from pipeline.checkpoint import ENCODER, PROPERTY_MODEL, load_model_dir
+from pipeline.files import atomic_file
 from pipeline.graphs import GraphBatch, collate
 from pipeline.inputs import ERROR, featurized_inputs
 
@@ -63,13 +64,15 @@ def embed(path: str | Path, inputs: list[str], out: str | Path, which: str = "2d
     matrix = np.stack([r if r is not None else np.full(width, np.nan, np.float32) for r in rows]) if rows else np.zeros((0, 0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # written under a temporary name: a failure (a full disk) leaves no half file behind
     if out.suffix == ".csv":
-        with open(out, "w", newline="") as fh:
+        with atomic_file(out, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["id", "source", "error"] + [f"e{i}" for i in range(width)])
             for i in range(len(ids)):
                 w.writerow([ids[i], sources[i], errors[i]] + ([repr(float(v)) for v in matrix[i]] if not errors[i] else [""] * width))
     else:
-        np.savez(out, ids=np.array(ids, dtype=str), sources=np.array(sources, dtype=str),
-                 errors=np.array(errors, dtype=str), embeddings=matrix.astype(np.float32))
+        with atomic_file(out, "wb") as fh:  # a file object: np.savez would append .npz to a .tmp name
+            np.savez(fh, ids=np.array(ids, dtype=str), sources=np.array(sources, dtype=str),
+                     errors=np.array(errors, dtype=str), embeddings=matrix.astype(np.float32))
     return len(ids)

@@ -33,6 +33,11 @@ class PretrainBatch:
     views: GraphBatch
     owner: torch.Tensor
 
+    @property
+    def num_graphs(self) -> int:
+        """Number of structures (B); what the trainer's throughput counts."""
+        return self.graphs.num_graphs
+
     def to(self, device: torch.device | str) -> "PretrainBatch":
         """Move to ``device``."""
         return PretrainBatch(self.graphs.to(device), self.views.to(device), self.owner.to(device))

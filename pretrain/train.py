@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from pipeline import MolmatError
-from pipeline.checkpoint import ENCODER, save_model_dir
+from pipeline.checkpoint import ENCODER, data_identity, prepare_run_dir, save_model_dir
 from pipeline.config import Config, write_resolved
 from pipeline.distributed import all_reduce_sums
 from pipeline.featurize import featurization_differences, neighbour_cutoff
@@ -88,11 +88,14 @@ class ContrastiveTask:
 
 
 def pretrain(data: list[str | Path], out: str | Path, config: Config, rank: int = 0, world_size: int = 1,
-             device: torch.device | None = None, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
+             device: torch.device | None = None, callbacks: tuple[Callback, ...] = (),
+             restart: bool = False) -> TrainResult:
     """Contrastive 2D-3D pretraining of ``model.encoder2d`` against ``pretrain.encoder3d``.
 
     Writes the encoder directory ``out`` (``config.json``, ``model.safetensors``, ``metrics.csv``,
-    ``last.pt``). Re-running the same command resumes.
+    ``last.pt``, ``run.json``). Re-running the same command resumes; re-running into ``out`` with
+    other data or encoders is refused with what differs, unless ``restart`` (``--restart``), which
+    moves the old state to ``out/previous/`` and starts afresh.
     """
     out = Path(out)
     pcfg, tcfg = config.pretrain, config.train
@@ -120,6 +123,11 @@ def pretrain(data: list[str | Path], out: str | Path, config: Config, rank: int 
         raise MolmatError(f"no val split in {', '.join(map(str, data))}; pretraining monitors contrastive accuracy "
                           "on it. Re-run preprocess with --set split.val=0.1 (only split.json is rewritten)")
     train_set, val_set = ConcatDataset(train_parts), ConcatDataset(val_parts)
+    identity = {"data": [data_identity(d) for d, _ in manifests],
+                "model": {"encoder2d": config.model.encoder2d.model_dump(mode="json"),
+                          "encoder3d": pcfg.encoder3d.model_dump(mode="json")},
+                "pretrain": pcfg.model_dump(mode="json")}
+    prepare_run_dir(out, identity, restart, rank, world_size)
     model = ContrastiveModel(config.model.encoder2d, pcfg.encoder3d, pcfg.proj_hidden, pcfg.proj_dim)
     model.to(device)
     collate_fn = make_collate(featurization["molecule_cutoff"], pcfg.use_conformers)

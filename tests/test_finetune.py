@@ -129,6 +129,12 @@ def test_evaluate_writes_metrics_and_parity_plots(trained_qm9, qm9_shards, tmp_p
     assert m["targets"]["gap_Ha"]["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-9)
     png = (tmp_path / "ev" / "parity_gap_Ha.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # each row names its structure and source file; metrics.csv is metrics.json as a table
+    by_id = {r["_id"]: r["_source"] for r in ShardDataset(qm9_shards)}
+    assert all(r["source"] == by_id[r["id"]] and r["source"].endswith(f"dsgdb9nsd_{r['id']}.xyz") for r in rows)
+    table = {r["target"]: r for r in csv.DictReader(open(tmp_path / "ev" / "metrics.csv"))}
+    assert list(table) == ["gap_Ha", "U0_Ha"] and table["gap_Ha"]["unit"] == "Ha"
+    assert float(table["gap_Ha"]["mae"]) == m["targets"]["gap_Ha"]["mae"] and int(table["U0_Ha"]["count"]) == 300
 
 
 def test_evaluate_cli_writes_resolved_config_and_same_metrics(trained_qm9, qm9_shards, tmp_path):
@@ -139,6 +145,8 @@ def test_evaluate_cli_writes_resolved_config_and_same_metrics(trained_qm9, qm9_s
     assert r.returncode == 0, r.stderr
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
     assert resolved["train"]["threads"] == 1 and resolved["train"]["device"] == "cpu"
+    header, *lines = [line.split() for line in r.stdout.splitlines()[1:4]]
+    assert header == ["target", "unit", "MAE", "RMSE", "R2", "n"] and [x[0] for x in lines] == ["gap_Ha", "U0_Ha"]
     direct = evaluate(trained_qm9, qm9_shards, "all", tmp_path / "ev_py")
     got = json.loads((out / "metrics.json").read_text())
     assert got["targets"]["gap_Ha"]["mae"] == pytest.approx(direct["targets"]["gap_Ha"]["mae"], rel=1e-9)
@@ -241,15 +249,50 @@ def test_max_train_uses_a_nested_seeded_subset(qm9_shards, tmp_path):
 
 @pytest.mark.slow
 def test_molmat_run_end_to_end(tmp_path):
-    """The README's main command on the shipped samples, with a tiny budget."""
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--out", str(tmp_path / "run"),
-                        "--set", "run.finetune_minutes=0.05"] + [x for kv in SMALL for x in ("--set", kv)],
-                       capture_output=True, text=True)
+    """The README's main command on the shipped samples, with tiny budgets: every stage's output,
+    a rerun that skips every completed step, and one that redoes only what was removed."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--out", str(run), "--set", "run.finetune_minutes=0.05",
+           "--set", "run.pretrain_minutes=0.05", "--set", "train.threads=1"] + [x for kv in SMALL for x in ("--set", kv)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "[evaluate] qm9 test gap_Ha" in r.stdout and "[evaluate] mp test band_gap_eV" in r.stdout
+    outputs = [run / "data" / ds / "manifest.json" for ds in ("qm9", "mp")]
+    outputs += [run / "pretrain" / f for f in ("result.json", "model.safetensors", "learning_curve.png")]
     for ds in ("qm9", "mp"):
-        assert (tmp_path / "run" / "models" / ds / "eval_test" / "metrics.json").exists()
-    assert (tmp_path / "run" / "config.resolved.yaml").exists()
+        for arm in ("pretrained", "scratch"):
+            model = run / "models" / ds / arm
+            outputs += [model / "result.json", model / "best" / "model.safetensors", model / "learning_curve.png"]
+            outputs += [model / "eval_test" / f for f in ("metrics.json", "metrics.csv", "predictions.csv")]
+        conf = json.loads((run / "models" / ds / "pretrained" / "best" / "config.json").read_text())
+        assert conf["init"] == str(run / "pretrain")
+        assert json.loads((run / "models" / ds / "scratch" / "best" / "config.json").read_text())["init"] is None
+    missing = [str(p.relative_to(run)) for p in outputs if not p.exists()]
+    assert not missing, missing
+    summary = (run / "summary.md").read_text()
+    stages = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ") and " ran (" in line]
+    assert stages == ["preprocess"] * 2 + ["pretrain"] + ["finetune", "evaluate"] * 4
+    assert "| mp | band_gap_eV | eV |" in summary  # pretrained vs scratch table
+    assert "test MAE homo_Ha" in r.stdout and "val contrastive accuracy" in r.stdout
+
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("; skipped") == 11 and "running" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+
+    # fine-tuning runs without result.json (killed) or stopped by a signal resume from last.pt, then are
+    # evaluated again; the other steps stay skipped
+    killed, stopped = run / "models" / "qm9" / "scratch", run / "models" / "mp" / "scratch"
+    (killed / "result.json").unlink()
+    result = json.loads((stopped / "result.json").read_text())
+    (stopped / "result.json").write_text(json.dumps(dict(result, stopped_by="signal")))
+    third = subprocess.run(cmd, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stdout.count("; skipped") == 7 and third.stderr.count("resuming from") == 2
+    for model, name in ((killed, "qm9 (scratch)"), (stopped, "mp (scratch)")):
+        assert f"[finetune] {name}: running" in third.stdout and f"[evaluate] {name}: running" in third.stdout
+        assert json.loads((model / "result.json").read_text())["stopped_by"] != "signal"
+        assert (model / "eval_test" / "metrics.json").stat().st_mtime_ns > before[model / "eval_test" / "metrics.json"]
 
 
 def test_trainer_restores_signal_handlers(qm9_shards, tmp_path):
@@ -288,6 +331,23 @@ def test_cosine_schedule_is_fitted_to_the_time_budget():
     assert restored.total == 600
     sched.fit_budget(200, 0.01, 60.0)  # 1.2M steps would fit: never beyond train.epochs
     assert sched.total == 100_000
+
+
+def test_a_budget_that_shortens_the_run_shortens_the_warm_up():
+    """A short budgeted run (molmat run) must reach its peak learning rate, not end while warming up."""
+    from pipeline.config import TrainConfig
+    from pipeline.training import _Schedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = _Schedule(opt, TrainConfig(epochs=100, warmup_steps=100, max_minutes=1.0, min_lr=0.0), 4 * 100)
+    sched.step(20)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 21 / 40)  # 400 planned steps: 40 of warm-up
+    sched.fit_budget(12, 6.0, 60.0)  # 12 steps in 6 s of 60 s: the run will end after 120 steps
+    assert sched.total == 120
+    sched.step(11)  # warm-up is now a tenth of 120 steps: the peak is reached at step 11 (not 12/40 of it)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    sched.step(66)  # the cosine's midpoint between warm-up end (12) and the end (120)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-3)
 
 
 def test_predict_refuses_a_crystal_for_a_molecule_model_and_flags_new_elements(trained_qm9, qm9_shards, tmp_path):

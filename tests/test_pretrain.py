@@ -143,6 +143,11 @@ def test_pretraining_on_molecules_and_crystals_together(qm9_shards, mp_shards, t
     pretrain([qm9_shards, mp_shards], tmp_path / "enc", load_config(None, SMALL + ["train.epochs=1"]))
     meta = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert meta["kinds"] == ["crystal", "molecule"]
+    from pipeline.splits import load_split
+
+    # throughput counts structures of both kinds: one epoch over both train splits
+    trained = sum(len(load_split(d)["train"]) for d in (qm9_shards, mp_shards))
+    assert json.loads((tmp_path / "enc" / "timing.json").read_text())["graphs"] == trained
     enc = load_encoder(tmp_path / "enc")
     mol, cryst = ShardDataset(qm9_shards)[0], ShardDataset(mp_shards)[0]
     assert (mol["_kind"], cryst["_kind"]) == ("molecule", "crystal")

@@ -237,14 +237,18 @@ def test_neighbour_shells_are_not_cut_so_the_graph_ignores_the_cell_choice():
 
 
 @pytest.mark.parametrize("source", ["qm9/xyz", "qm9/qm9_mini.sdf", "qm8/qm8_sample.csv", "mp/cifs.tar.gz",
-                                    "mp/structures.json.gz"])
+                                    "mp/structures.json.gz", "vasp/poscars.tar.gz", "ase/qm9_40.extxyz",
+                                    "ase/mp_40.extxyz", "ase/qm9_mp_20_20.db"])
 def test_every_format_knows_the_kind_of_its_records(source):
-    from pipeline.readers import FORMATS, format_kind
+    from pipeline.readers import ANY_KIND, FORMATS, format_kind
 
     reader = open_source(DATASETS / source)
-    kinds = {raw.kind for raw in itertools.islice(reader.records(), 10)}
-    assert kinds == {FORMATS[reader.fmt].kind} == {format_kind(reader.fmt)}
-    assert {f.kind for f in FORMATS.values()} == {"molecule", "crystal"}
+    kinds = {raw.kind for raw in reader.records()}
+    if format_kind(reader.fmt) == ANY_KIND:  # ASE files: each record says its kind
+        assert FORMATS[reader.fmt].kind == ANY_KIND and kinds and kinds <= {"molecule", "crystal"}
+    else:
+        assert kinds == {FORMATS[reader.fmt].kind} == {format_kind(reader.fmt)}
+    assert {f.kind for f in FORMATS.values()} == {"molecule", "crystal", ANY_KIND}
     with pytest.raises(MolmatError, match="unknown format 'pdb'"):
         format_kind("pdb")
 
