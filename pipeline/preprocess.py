@@ -70,15 +70,6 @@ class PreprocessSummary:
     seconds: float
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _resolve_targets(readers: list[SourceReader], wanted: list[str] | None, units: dict[str, str]) -> list[dict[str, str]]:
     """Targets to store (name, unit), checking requested names exist and units agree."""
     declared: dict[str, str] = {}
@@ -445,7 +436,7 @@ def _preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | 
     inputs = []
     for r in readers:
         for f in r.files:
-            inputs.append({"path": str(Path(f).resolve()), "format": r.fmt, "sha256": sha256_file(Path(f))})
+            inputs.append({"path": str(Path(f).resolve()), "format": r.fmt, "sha256": sha256_of(Path(f))})
     fingerprint = _fingerprint(inputs, cfg, target_specs, (part, parts))
     dataset_id = dataset_identity(fingerprint, cfg.shard_size)
     out.mkdir(parents=True, exist_ok=True)
