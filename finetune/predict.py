@@ -16,7 +16,7 @@ from pipeline import MolmatError
 from pipeline.checkpoint import PROPERTY_MODEL, load_model_dir
 from pipeline.files import atomic_file
 from pipeline.graphs import collate
-from pipeline.inputs import domain_check, featurized_inputs
+from pipeline.inputs import ERROR, WARNING, domain_check, featurized_inputs
 from pipeline.readers import unit_column
 
 
@@ -48,7 +48,7 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
         def flush() -> None:
             # Rows keep input order: failed inputs wait in `pending` beside the good ones.
             nonlocal rows
-            good = [r for r in pending if "_error" not in r]
+            good = [r for r in pending if ERROR not in r]
             preds: dict[int, list[str]] = {}
             failures: dict[int, str] = {}
             if good:
@@ -64,19 +64,19 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
                         except Exception as exc:  # noqa: BLE001
                             failures[id(rec)] = f"prediction failed ({type(exc).__name__}: {_first_line(exc)})"
             for rec in pending:
-                error = rec.get("_error") or failures.get(id(rec), "")
+                error = rec.get(ERROR) or failures.get(id(rec), "")
                 w.writerow([rec["_id"], rec["_source"]] + preds.get(id(rec), [""] * len(names))
-                           + [error, rec.get("_warning", "")])
+                           + [error, rec.get(WARNING, "")])
             rows += len(pending)
             pending.clear()
 
         for rec in featurized_inputs(inputs, model.meta["preprocess"], fmt):
-            if "_error" not in rec:
+            if ERROR not in rec:
                 error, warning = domain_check(rec, model.meta)
                 if error:
-                    rec = {"_id": rec["_id"], "_source": rec["_source"], "_error": error}
+                    rec = {"_id": rec["_id"], "_source": rec["_source"], ERROR: error}
                 elif warning:
-                    rec["_warning"] = warning
+                    rec[WARNING] = warning
             pending.append(rec)
             if len(pending) >= batch_size:
                 flush()
