@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""SchNet training-step speed: paired filters (the default) against one filter per directed edge.
+"""Encoder training-step speed on real structures: SchNet now against SchNet as of e99ab7b, plus
+PaiNN and the MPNN on the same batches.
 
-Both variants share the same weights and the same pre-collated batches of real structures; each
-step is forward + loss + backward + AdamW step on one torch thread. The baseline is the same module
-with ``per_edge_filters = True`` (the textbook layout), measured in the same run, interleaved,
-so the ratio holds on a loaded machine. Also reported: collate throughput (records -> GraphBatch)
-and the largest difference between the two variants' embeddings.
+Every encoder sees the same pre-collated batches, drawn at random (seeded) from a shard directory
+(the first records of an archive are not typical: MP's first thousand crystals have half the atoms
+of a random one); each step is forward + loss + backward + AdamW step on one torch thread. The
+baseline is ``bench/_schnet_e99ab7b.py``, a frozen copy of SchNet before the speed work, measured
+in the same run, interleaved, with the same weights, so the ratio holds on a loaded machine and the
+largest embedding difference shows the outputs are unchanged.
 
-    .venv/bin/python bench/bench_schnet.py --data SHARDS [--data SHARDS ...] [--out bench/results/schnet_speed]
+    .venv/bin/python bench/bench_schnet.py --data SHARDS --cutoff 8 [--data SHARDS --cutoff 5 ...]
 
-Writes ``schnet_speed.json`` and ``schnet_speed.md`` into ``--out``.
+Writes ``schnet_speed.json`` and ``schnet_speed.md`` into ``--out`` (default
+bench/results/schnet_speed).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -27,31 +31,48 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+ENCODERS = ("schnet_e99ab7b", "schnet", "painn", "mpnn")
 
-def measure(data: str, batches: int, repeats: int, batch_size: int) -> dict[str, Any]:
-    """Graphs/s of both variants (wall and CPU time) on ``batches`` batches of one shard directory."""
+
+def build(kind: str, cutoff: float) -> Any:
+    """A width-64 encoder of each kind (3 interactions / message-passing steps)."""
+    from pipeline.config import MPNNConfig, PaiNNConfig, SchNetConfig
+    from pipeline.models import MPNN, PaiNN, SchNet
+
+    if kind == "schnet_e99ab7b":
+        from bench._schnet_e99ab7b import SchNet as Reference
+
+        return Reference(SchNetConfig(hidden=64, interactions=3, n_rbf=50, cutoff=cutoff))
+    if kind == "schnet":
+        return SchNet(SchNetConfig(hidden=64, interactions=3, n_rbf=50, cutoff=cutoff))
+    if kind == "painn":
+        return PaiNN(PaiNNConfig(hidden=64, interactions=3, n_rbf=20, cutoff=cutoff))
+    return MPNN(MPNNConfig(hidden=64, steps=3))
+
+
+def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """Graphs/s of every encoder (wall and CPU time) on ``batches`` random batches of one shard directory."""
     import torch
 
     import pipeline  # noqa: F401
-    from pipeline.config import SchNetConfig
     from pipeline.graphs import collate
-    from pipeline.models.schnet import SchNet
     from pipeline.shards import ShardDataset
 
     torch.set_num_threads(1)
-    ds = ShardDataset(data)
-    n = min(len(ds), batches * batch_size)
+    total = len(ShardDataset(data))
+    n = min(total, batches * batch_size)
+    ds = ShardDataset(data, sorted(random.Random(seed).sample(range(total), n)))
     recs = [dict(ds[i], y=ds[i]["y"][:0]) for i in range(n)]
     t = time.perf_counter()
     graphs = [collate(recs[i:i + batch_size]) for i in range(0, n, batch_size)]
     collate_rate = n / (time.perf_counter() - t)
-    cfg = SchNetConfig(hidden=64, interactions=3, n_rbf=50, cutoff=5.0)
-    torch.manual_seed(0)
-    nets = {"paired": SchNet(cfg), "per_edge": SchNet(cfg)}
-    nets["per_edge"].load_state_dict(nets["paired"].state_dict())
-    nets["per_edge"].per_edge_filters = True
+    nets = {}
+    for kind in ENCODERS:
+        torch.manual_seed(0)
+        nets[kind] = build(kind, cutoff)
+    nets["schnet"].load_state_dict(nets["schnet_e99ab7b"].state_dict())
     with torch.no_grad():
-        diff = max(float((nets["paired"](b)[0] - nets["per_edge"](b)[0]).abs().max()) for b in graphs)
+        diff = max(float((nets["schnet"](b)[0] - nets["schnet_e99ab7b"](b)[0]).abs().max()) for b in graphs)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in nets.items()}
 
     def run(kind: str) -> tuple[float, float]:
@@ -66,20 +87,19 @@ def measure(data: str, batches: int, repeats: int, batch_size: int) -> dict[str,
 
     for kind in nets:  # warm-up
         run(kind)
-    out: dict[str, Any] = {"data": data, "graphs": n, "batch_size": batch_size,
+    out: dict[str, Any] = {"data": data, "cutoff": cutoff, "graphs": n, "batch_size": batch_size, "seed": seed,
                            "edges_per_batch": statistics.mean(b.g3d.num_edges() for b in graphs),
                            "atoms_per_batch": statistics.mean(b.g3d.num_nodes() for b in graphs),
-                           "collate_graphs_per_s": collate_rate, "max_abs_embedding_diff": diff, "repeats": {}}
-    for kind in nets:
-        out["repeats"][kind] = []
+                           "collate_graphs_per_s": collate_rate, "max_abs_embedding_diff": diff,
+                           "repeats": {k: [] for k in nets}}
     for _ in range(repeats):
         for kind in nets:
             w, c = run(kind)
             out["repeats"][kind].append({"wall": w, "cpu": c, "load": os.getloadavg()[0]})
     for kind in nets:
         out[kind] = {m: statistics.median(r[m] for r in out["repeats"][kind]) for m in ("wall", "cpu")}
-    out["ratio_wall"] = out["paired"]["wall"] / out["per_edge"]["wall"]
-    out["ratio_cpu"] = out["paired"]["cpu"] / out["per_edge"]["cpu"]
+    out["ratio_wall"] = out["schnet"]["wall"] / out["schnet_e99ab7b"]["wall"]
+    out["ratio_cpu"] = out["schnet"]["cpu"] / out["schnet_e99ab7b"]["cpu"]
     return out
 
 
@@ -87,33 +107,41 @@ def main(argv: list[str] | None = None) -> int:
     """Measure every ``--data`` directory and write the JSON and Markdown results."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", action="append", required=True, help="shard directory (repeatable)")
+    p.add_argument("--cutoff", action="append", type=float, required=True,
+                   help="3D encoder cutoff for the --data of the same position (Angstrom)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "schnet_speed"))
-    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if len(args.cutoff) != len(args.data):
+        p.error("give one --cutoff per --data")
     import torch
 
     res = {"command": " ".join([".venv/bin/python", "bench/bench_schnet.py"] + (argv or sys.argv[1:])),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": {"nproc": os.cpu_count(),
            "platform": platform.platform(), "loadavg_start": os.getloadavg()}, "torch": torch.__version__,
-           "results": [measure(d, args.batches, args.repeats, args.batch_size) for d in args.data]}
+           "results": [measure(d, c, args.batches, args.repeats, args.batch_size, args.seed)
+                       for d, c in zip(args.data, args.cutoff)]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "schnet_speed.json").write_text(json.dumps(res, indent=1))
-    lines = ["# SchNet training step: paired filters vs one filter per edge", "",
+    lines = ["# Encoder training step: SchNet now vs SchNet at e99ab7b, PaiNN, MPNN", "",
              f"`{res['command']}` on {res['date']}; {res['machine']['nproc']} cores, load average at start "
-             f"{res['machine']['loadavg_start'][0]:.1f}; torch {res['torch']}, 1 thread. Width 64, 3 interactions, "
-             "50 Gaussians, cutoff 5 A; forward + loss + backward + AdamW step; median of interleaved repeats. "
-             "CPU time is reported beside wall time because the machine is shared: it is less sensitive to "
-             "other processes.", "",
-             "| data | atoms / edges per batch | per-edge graphs/s (wall, CPU) | paired graphs/s (wall, CPU) | "
-             "ratio (wall, CPU) | max abs embedding diff | collate graphs/s |", "|---|---|---|---|---|---|---|"]
+             f"{res['machine']['loadavg_start'][0]:.1f}; torch {res['torch']}, 1 thread. Width 64, 3 interactions "
+             "(SchNet: 50 Gaussians; PaiNN: 20 sine functions; MPNN: 3 steps, set2set); random batches of 64 "
+             "(seeded); forward + loss + backward + AdamW step; median of interleaved repeats. CPU time is "
+             "reported beside wall time: it is less sensitive to other processes on a shared machine.", "",
+             "| data (cutoff) | atoms / edges per batch | SchNet e99ab7b graphs/s (wall, CPU) | SchNet now "
+             "(wall, CPU) | ratio (wall, CPU) | max abs embedding diff | PaiNN (wall, CPU) | MPNN (wall, CPU) "
+             "| collate graphs/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
-        lines.append(f"| {r['data']} | {r['atoms_per_batch']:.0f} / {r['edges_per_batch']:.0f} | "
-                     f"{r['per_edge']['wall']:.0f}, {r['per_edge']['cpu']:.0f} | {r['paired']['wall']:.0f}, "
-                     f"{r['paired']['cpu']:.0f} | {r['ratio_wall']:.2f}x, {r['ratio_cpu']:.2f}x | "
-                     f"{r['max_abs_embedding_diff']:.1e} | {r['collate_graphs_per_s']:.0f} |")
+        pair = lambda k: f"{r[k]['wall']:.0f}, {r[k]['cpu']:.0f}"  # noqa: E731
+        lines.append(f"| {r['data']} ({r['cutoff']:g} A) | {r['atoms_per_batch']:.0f} / {r['edges_per_batch']:.0f} | "
+                     f"{pair('schnet_e99ab7b')} | {pair('schnet')} | {r['ratio_wall']:.2f}x, {r['ratio_cpu']:.2f}x | "
+                     f"{r['max_abs_embedding_diff']:.1e} | {pair('painn')} | {pair('mpnn')} | "
+                     f"{r['collate_graphs_per_s']:.0f} |")
     (out / "schnet_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -53,6 +53,12 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         if has_log:
             line += f"  {_fmt(r['log10_mae'], '9.4g')}"
         lines.append(line)
+    for name, m in metrics["targets"].items():
+        g = m.get("gate")
+        if g:
+            lines.append(f"{name}: zero/non-zero told apart for {100 * g['accuracy']:.1f}% ({g['true_zero']} true zeros, "
+                         f"{g['predicted_zero']} predicted); MAE {g['mae_true_zero']:.4g} on true zeros, "
+                         f"{g['mae_true_positive']:.4g} on the rest")
     return "\n".join(lines)
 
 

@@ -32,6 +32,21 @@ def task_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ki
     return per.sum(0) / count.clamp_min(1), count
 
 
+def gate_losses(logits: torch.Tensor, positive: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean binary cross-entropy of each target's gate over its labelled entries.
+
+    Args:
+        logits: (B, T) gate logits. positive: (B, T) float, 1 where the label is > 0.
+        mask: (B, T) bool, True where the target is gated and labelled.
+    Returns:
+        (losses (T,), counts (T,)); 0 for targets without a gate or a label in the batch.
+    """
+    per = torch.nn.functional.binary_cross_entropy_with_logits(logits, positive, reduction="none")
+    per = torch.where(mask, per, torch.zeros_like(per))
+    count = mask.sum(0)
+    return per.sum(0) / count.clamp_min(1), count
+
+
 def weighted_total(losses: torch.Tensor, count: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted mean of per-target losses over the targets labelled in the batch.
 
@@ -53,3 +68,26 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, we
     """
     losses, count = task_losses(pred, target, mask, kind)
     return weighted_total(losses, count, weight)
+
+
+def property_losses(model: torch.nn.Module, raw: torch.nn.Module, batch, kind: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-target training losses of a property model on one batch: what training minimises
+    (weighted) and what curvature analysis differentiates, one per target.
+
+    A gated target's loss is its regressor's (positive labels) plus its gate's cross-entropy.
+
+    Args:
+        model: the model to call (a DDP wrapper during distributed training, so gradients sync).
+        raw: the plain :class:`pipeline.models.property.PropertyModel` (its normalisation).
+        batch: a :class:`pipeline.graphs.GraphBatch` with ``y`` (B, T) and ``mask`` (B, T).
+        kind: ``mse``, ``l1`` or ``huber``.
+    Returns:
+        (losses (T,), labelled counts (T,)).
+    """
+    target, mask = raw.normalize(batch.y, batch.mask, batch)
+    pred, logits = model(batch, gates=True)
+    losses, count = task_losses(pred, target.to(pred.dtype), mask, kind)
+    positive, gate_mask = raw.gate_labels(batch.y, batch.mask)
+    gate, gate_count = gate_losses(logits, positive.to(logits.dtype), gate_mask)
+    return losses + gate, torch.maximum(count, gate_count)
+

@@ -40,6 +40,14 @@ def target_metrics(res: dict[str, np.ndarray], specs: Sequence[TargetSpec]) -> d
         if spec.transform == "log10":
             pos = usable[:, j]
             entry["log10"] = regression_metrics(np.log10(res["pred"][pos, j]), np.log10(res["y"][pos, j]))
+        if spec.gated and m.any():
+            # how well the gate tells exact zeros (metals) from the rest, and the error on each side
+            true_zero, pred_zero = res["y"][m, j] == 0, res["pred"][m, j] == 0
+            entry["gate"] = {"accuracy": float((true_zero == pred_zero).mean()), "true_zero": int(true_zero.sum()),
+                             "predicted_zero": int(pred_zero.sum()),
+                             "mae_true_zero": float(np.abs(res["pred"][m, j][true_zero]).mean()) if true_zero.any() else float("nan"),
+                             "mae_true_positive": float(np.abs(res["pred"][m, j] - res["y"][m, j])[~true_zero].mean())
+                             if (~true_zero).any() else float("nan")}
         out[spec.name] = entry
     return out
 

@@ -25,7 +25,7 @@ from pipeline.models.property import PropertyModel, target_specs
 from pipeline.shards import ShardDataset, dataset_has_coordinates, dataset_kinds, load_manifest, load_stats
 from pipeline.splits import load_split
 from pipeline.training import Callback, Trainer, TrainResult, pick_device, seed_everything
-from finetune.losses import task_losses, weighted_total
+from finetune.losses import property_losses, weighted_total
 from finetune.metrics import validation_metrics
 from finetune.modeldata import TargetColumns, predict_loader, target_columns
 
@@ -55,8 +55,8 @@ class PropertyTask:
 
     def loss(self, model: nn.Module, batch: GraphBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted mean of the per-target losses; the parts are ``loss_<target>`` (NaN when unlabelled)."""
-        target, mask = self.model.normalize(batch.y, batch.mask, batch)
-        losses, count = task_losses(model(batch), target, mask, self.loss_kind)
+        # called through the (DDP) wrapper: gradient sync needs the wrapped forward
+        losses, count = property_losses(model, self.model, batch, self.loss_kind)
         total = weighted_total(losses, count, self.model.loss_weight)
         values = losses.detach().tolist()
         parts = {f"loss_{s.name}": (v if c > 0 else math.nan) for s, v, c in zip(self.model.targets, values, count.tolist())}
@@ -94,13 +94,18 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         # train split instead would report a training error as if it were a validation error.
         raise MolmatError(f"{data}/split.json has an empty val split; fine-tuning needs one. Re-run preprocess "
                           "with --set split.val=0.1 (the shards are kept, only split.json is rewritten)")
-    specs = target_specs(manifest["targets"], fcfg.targets, fcfg.log10_targets, fcfg.extensive_targets, fcfg.loss_weights)
+    specs = target_specs(manifest["targets"], fcfg.targets, fcfg.log10_targets, fcfg.extensive_targets, fcfg.loss_weights,
+                         fcfg.gated_targets, fcfg.composition_baseline_targets)
     kinds = dataset_kinds(manifest)
     init = init or fcfg.init
-    model_cfg, slots = config.model, []
+    model_cfg, slots = config.model.resolve(kinds), []
+    if not config.model.is_resolved() and rank == 0:
+        log.info("model for %s data (model.auto): encoder2d %s, encoder3d %s", "/".join(kinds),
+                 model_cfg.encoder2d.name if model_cfg.encoder2d else "null",
+                 model_cfg.encoder3d.name if model_cfg.encoder3d else "null")
     if init:
         # A pretrained encoder brings its architecture: the fine-tuning model must match it.
-        model_cfg, slots = pretrained_model_config(config.model, init)
+        model_cfg, slots = pretrained_model_config(model_cfg, init)
         config = config.model_copy(deep=True)
         config.model = model_cfg
         if rank == 0:
@@ -126,7 +131,9 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     # what this run is: a re-run into `out` resumes only the same run (or starts afresh with --restart)
     identity = {"data": data_identity(data), "targets": [t.name for t in specs],
                 "model": model_cfg.model_dump(mode="json"),
-                "finetune": fcfg.model_dump(mode="json", exclude={"init", "targets"}),
+                # disabled curvature weighting leaves the run as it was: runs from before the option resume
+                "finetune": fcfg.model_dump(mode="json", exclude={"init", "targets"} |
+                                            (set() if fcfg.curvature_weighting.enabled else {"curvature_weighting"})),
                 "init": str(Path(init).resolve()) if init else None}
     prepare_run_dir(out, identity, restart, rank, world_size)
     model = PropertyModel(model_cfg, specs)
@@ -146,6 +153,10 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     if rank == 0:
         write_resolved(config, out)
     task = PropertyTask(model, fcfg.loss, device, out / "best", meta)
+    if fcfg.curvature_weighting.enabled:
+        from finetune.weighting import CurvatureWeighting
+
+        callbacks = (*callbacks, CurvatureWeighting(fcfg.curvature_weighting, train_set, fcfg.loss, tcfg.seed))
     trainer = Trainer(model, task, train_set, val_set, tcfg, out, param_groups=groups, rank=rank,
                       world_size=world_size, device=device, callbacks=callbacks)
     result = trainer.fit()

@@ -193,6 +193,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curvature(args: argparse.Namespace) -> int:
+    """``molmat curvature RUN --data SHARDS [--split val] [--tasks a,b] [--params all|encoder|heads] [--out DIR]``."""
+    from finetune.curvature import COMPARISON_PNG, JSON_NAME, curvature, default_out, summary_table
+    from pipeline.config import write_resolved
+
+    cfg, device = _config_and_device(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    out = Path(args.out) if args.out else default_out(args.run, args.split)
+    result = curvature(args.run, args.data, args.split, tasks, args.params, out, cfg.curvature, device=device)
+    write_resolved(cfg, out)
+    print(f"loss curvature of {args.run} on {result['records']} structures of the {args.split} split of {args.data}, "
+          f"{result['params']} parameters ({result['n_params']:,}), {result['dtype']}, {result['device']}:")
+    print(summary_table(result))
+    cost = result["cost"]
+    print(f"one HVP costs {cost['ratio_autograd']:.2f} gradients by double backprop, {cost['ratio_fd']:.2f} by finite "
+          f"differences; {result['seconds']:.0f} s in all")
+    if result["no_labels"]:
+        print(f"no labelled structure in the selected set for: {', '.join(result['no_labels'])}")
+    if not result["complete"]:
+        print(f"incomplete: curvature.max_minutes={cfg.curvature.max_minutes} reached; not run: "
+              f"{', '.join(result['not_run'])}", file=sys.stderr)
+    print(f"{JSON_NAME}, {COMPARISON_PNG} and one curvature_<task>.png per task in {out}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``molmat predict RUN INPUT... --out FILE.csv``."""
     from finetune.predict import predict
@@ -317,8 +342,12 @@ def _training_complete(out: Path) -> bool:
 
 def _headline_finetune(out: Path) -> str:
     r = _read_json(out / "result.json")
-    return (f"best val MAE/spread {r['best_metric']:.4g} at epoch {r['best_epoch']} of {r['epochs_run']} "
-            f"(stopped by {r['stopped_by']})")
+    model = _read_json(out / "best" / "config.json")["model"] if (out / "best" / "config.json").exists() else {}
+    # which encoders the run used: with model slots on auto, that depends on the data's kind
+    encoders = " + ".join(f"{model[s]['name']} ({s[-2:].upper()})" for s in ("encoder2d", "encoder3d")
+                          if isinstance(model.get(s), dict))
+    return (f"{encoders + ': ' if encoders else ''}best val MAE/spread {r['best_metric']:.4g} at epoch "
+            f"{r['best_epoch']} of {r['epochs_run']} (stopped by {r['stopped_by']})")
 
 
 def _run_evaluate(step: RunStep, cfg: Config) -> None:
@@ -570,6 +599,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default RUN/eval_SPLIT)")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("curvature", help="Hessian spectrum of each target's loss of a trained model (top "
+                       "eigenvalues, trace, density) on a fixed set of structures")
+    p.add_argument("run", help="run or model directory")
+    p.add_argument("--data", required=True, help="shard directory")
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
+    p.add_argument("--tasks", help="comma-separated targets and/or 'total' (default: every target and total)")
+    p.add_argument("--params", choices=["all", "encoder", "heads"],
+                   help="parameters the Hessian is taken over (default curvature.params)")
+    p.add_argument("--out", help="output directory (default RUN/curvature_SPLIT)")
+    _common(p)
+    p.set_defaults(func=cmd_curvature)
 
     p = sub.add_parser("predict", help="predict properties for raw structure files")
     p.add_argument("run", help="run or model directory")

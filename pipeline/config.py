@@ -28,8 +28,13 @@ class _Section(BaseModel):
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
     """One readable line per problem, naming the dotted key."""
     lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+    errors = exc.errors()
+    # a slot that may be "auto" or an encoder config: when the value is a mapping, the "auto"
+    # alternative's complaint says nothing useful; and union members are named by the encoder
+    if any("literal['auto']" not in map(str, e["loc"]) for e in errors):
+        errors = [e for e in errors if "literal['auto']" not in map(str, e["loc"])]
+    for err in errors:
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("tagged-union["))
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
         else:
@@ -149,7 +154,11 @@ class TrainConfig(_Section):
                                 "(all cores; torchrun sets 1). On a shared machine 1 avoids stalls on descheduled threads")
     tensorboard: bool = False
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
-        "none", description="scale lr with the number of processes: none, linear or square root")
+        "none", description="scale lr with the effective batch (batch_size x processes) over reference_batch_size: "
+        "none, linear (SGD) or square root (adaptive optimisers such as AdamW)")
+    reference_batch_size: int | None = Field(
+        None, ge=1, description="the batch size train.lr was tuned for; null = batch_size (only the number of "
+        "processes scales lr)")
 
 
 # Encoder hyper-parameters are defined here rather than beside the models so that config.yaml is
@@ -205,8 +214,20 @@ class SchNetConfig(_EncoderSection):
     readout: Literal["mean", "sum"] = "mean"
 
 
+class PaiNNConfig(_EncoderSection):
+    """Hyper-parameters of :class:`PaiNN` (unknown keys are rejected)."""
+
+    view: ClassVar[str] = "3d"
+    name: Literal["painn"] = "painn"
+    hidden: int = Field(64, ge=1, description="width of the scalar and of each vector channel")
+    interactions: int = Field(3, ge=1, description="number of message + update blocks")
+    n_rbf: int = Field(20, ge=2, description="sine radial basis functions sin(n pi d / cutoff) / d")
+    cutoff: float = Field(5.0, gt=0, description="model cutoff (Angstrom); must not exceed the shard's cutoff")
+    readout: Literal["mean", "sum"] = "mean"
+
+
 #: Any encoder's config, told apart by ``name`` (a discriminated union: plain imports, no registry).
-EncoderConfig = Annotated[Union[MPNNConfig, SchNetConfig], Field(discriminator="name")]
+EncoderConfig = Annotated[Union[MPNNConfig, SchNetConfig, PaiNNConfig], Field(discriminator="name")]
 
 
 class HeadsConfig(_Section):
@@ -219,6 +240,39 @@ class HeadsConfig(_Section):
 
 #: The encoder a slot gets when a config fills it without naming one.
 _SLOT_DEFAULTS = {"encoder2d": "mpnn", "encoder3d": "schnet"}
+#: A slot set to this is filled from ``model.auto`` by the kind of the data (see ModelConfig.resolve).
+AUTO = "auto"
+
+
+class SlotDefaults(_Section):
+    """What the two encoder slots hold for one kind of data when they are ``auto``."""
+
+    encoder2d: Optional[EncoderConfig] = None
+    encoder3d: Optional[EncoderConfig] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_names(cls, data: Any) -> Any:
+        return _name_slots(data)
+
+
+def _name_slots(data: Any) -> Any:
+    # `--set model.encoder3d.cutoff=6` on an empty slot names no encoder; each slot has a default.
+    if isinstance(data, dict):
+        data = dict(data)
+        for slot, name in _SLOT_DEFAULTS.items():
+            if isinstance(data.get(slot), dict) and "name" not in data[slot]:
+                data[slot] = {**data[slot], "name": name}
+    return data
+
+
+class AutoSlotsConfig(_Section):
+    """Per-kind defaults of the encoder slots (measured: bench/results/crystal_encoders.md)."""
+
+    molecule: SlotDefaults = Field(default_factory=lambda: SlotDefaults(encoder2d=MPNNConfig()),
+                                   description="molecules, and datasets that mix molecules and crystals")
+    crystal: SlotDefaults = Field(default_factory=lambda: SlotDefaults(encoder3d=SchNetConfig(cutoff=8.0)),
+                                  description="datasets of crystals only")
 
 
 class ModelConfig(_Section):
@@ -227,36 +281,88 @@ class ModelConfig(_Section):
     With both slots filled the two graph embeddings are concatenated before the heads.
     """
 
-    encoder2d: Optional[EncoderConfig] = Field(default_factory=MPNNConfig,
-                                               description="encoder of the 2D graph, or null")
-    encoder3d: Optional[EncoderConfig] = Field(None, description="encoder of the 3D graph, or null")
+    encoder2d: Union[Literal["auto"], EncoderConfig, None] = Field(
+        AUTO, description="encoder of the 2D graph, null, or auto (model.auto by data kind)")
+    encoder3d: Union[Literal["auto"], EncoderConfig, None] = Field(
+        AUTO, description="encoder of the 3D graph, null, or auto (model.auto by data kind)")
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    auto: AutoSlotsConfig = Field(default_factory=AutoSlotsConfig)
 
     @model_validator(mode="before")
     @classmethod
     def _default_names(cls, data: Any) -> Any:
-        # `--set model.encoder3d.cutoff=6` on an empty slot names no encoder; each slot has a default.
-        if isinstance(data, dict):
-            data = dict(data)
-            for slot, name in _SLOT_DEFAULTS.items():
-                if isinstance(data.get(slot), dict) and "name" not in data[slot]:
-                    data[slot] = {**data[slot], "name": name}
-        return data
+        return _name_slots(data)
 
     @model_validator(mode="after")
     def _slots_fit(self) -> "ModelConfig":
         if self.encoder2d is None and self.encoder3d is None:
             raise ValueError("model.encoder2d and model.encoder3d are both null; a model needs at least one encoder")
         for slot, view in (("encoder2d", "2d"), ("encoder3d", "3d")):
-            enc = getattr(self, slot)
-            if enc is not None and enc.view != view:
-                raise ValueError(f"model.{slot} needs an encoder of the {view} graph; '{enc.name}' reads the "
-                                 f"{enc.view} graph (put it in model.encoder{enc.view})")
+            encs = [getattr(self, slot), getattr(self.auto.molecule, slot), getattr(self.auto.crystal, slot)]
+            for where, enc in zip((f"model.{slot}", f"model.auto.molecule.{slot}", f"model.auto.crystal.{slot}"), encs):
+                if enc is not None and enc != AUTO and enc.view != view:
+                    raise ValueError(f"{where} needs an encoder of the {view} graph; '{enc.name}' reads the "
+                                     f"{enc.view} graph (put it in model.encoder{enc.view})")
         return self
 
+    def is_resolved(self) -> bool:
+        """True when no slot is ``auto``."""
+        return AUTO not in (self.encoder2d, self.encoder3d)
+
+    def resolve(self, kinds: list[str]) -> "ModelConfig":
+        """This config with each ``auto`` slot taken from ``model.auto`` for the data's kinds.
+
+        Args:
+            kinds: record kinds of the data (``dataset_kinds``); crystals only -> ``auto.crystal``,
+                anything else (molecules, or a mix) -> ``auto.molecule``.
+        Raises:
+            MolmatError: both slots end up null.
+        """
+        if self.is_resolved():
+            return self
+        preset = self.auto.crystal if list(kinds) == ["crystal"] else self.auto.molecule
+        data = self.model_dump(mode="json")
+        for slot in ("encoder2d", "encoder3d"):
+            if data[slot] == AUTO:
+                enc = getattr(preset, slot)
+                data[slot] = enc.model_dump(mode="json") if enc is not None else None
+        try:
+            return ModelConfig.model_validate(data)
+        except ValidationError as exc:
+            raise MolmatError(_format_validation_error(exc, f"model (auto slots for {'/'.join(kinds)} data)")) from None
+
     def slots(self) -> dict[str, _EncoderSection]:
-        """The filled slots, ``{"encoder2d": cfg, "encoder3d": cfg}`` minus the null ones."""
+        """The filled slots, ``{"encoder2d": cfg, "encoder3d": cfg}`` minus the null ones.
+
+        Raises:
+            MolmatError: a slot is still ``auto`` (resolve it first).
+        """
+        if not self.is_resolved():
+            raise MolmatError("model slots set to 'auto' must be resolved for the data first (ModelConfig.resolve)")
         return {s: c for s, c in (("encoder2d", self.encoder2d), ("encoder3d", self.encoder3d)) if c is not None}
+
+
+class CurvatureWeightingConfig(_Section):
+    """Curvature-informed multi-task loss weights (New et al. 2022), re-estimated during fine-tuning."""
+
+    enabled: bool = Field(False, description="re-weight the per-target losses by their Hessian curvature")
+    every: int = Field(5, ge=1, description="epochs between re-estimates (after the validation pass)")
+    statistic: Literal["top", "trace"] = Field("top", description="top Hessian eigenvalue (Lanczos) or trace "
+                                               "(Hutchinson) of each target's loss")
+    iters: int = Field(10, ge=1, description="Lanczos steps (top) or Rademacher probes (trace) per target")
+    batches: int = Field(2, ge=1, description="fixed training batches the curvature is measured on")
+    batch_size: int = Field(64, ge=1, description="structures per batch of that fixed set")
+    power: float = Field(0.5, ge=0, description="weight proportional to statistic^(-power); 0 = equal weights")
+    min_weight: float = Field(0.1, gt=0, description="weights are normalised to mean 1, then clipped to "
+                              "[min_weight, max_weight]")
+    max_weight: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "CurvatureWeightingConfig":
+        if self.min_weight > self.max_weight:
+            raise ValueError(f"curvature_weighting.min_weight ({self.min_weight}) exceeds max_weight "
+                             f"({self.max_weight})")
+        return self
 
 
 class FinetuneConfig(_Section):
@@ -266,6 +372,12 @@ class FinetuneConfig(_Section):
     log10_targets: list[str] | None = Field(None, description="learned as log10; default: names ending in _GPa")
     extensive_targets: list[str] | None = Field(
         None, description="learned per atom with fitted element references; default: QM9 U0/U/H/G")
+    gated_targets: list[str] | None = Field(
+        None, description="non-negative targets with exact zeros (band gaps): a classifier of y > 0 times a "
+                          "regressor of the positive values; default: names starting with band_gap")
+    composition_baseline_targets: list[str] | None = Field(
+        None, description="intensive targets learned on top of a fitted linear function of the element "
+                          "fractions; default: names starting with formation_energy")
     loss_weights: dict[str, float] = Field(default_factory=dict)
     loss: Literal["mse", "l1", "huber"] = "mse"
     max_train: int | None = Field(None, ge=1, description="use a seeded subset of this many training records "
@@ -273,6 +385,7 @@ class FinetuneConfig(_Section):
     init: str | None = Field(None, description="pretrained encoder directory (molmat pretrain)")
     freeze_encoder: bool = False
     encoder_lr: float | None = Field(None, gt=0, description="own learning rate for a pretrained encoder")
+    curvature_weighting: CurvatureWeightingConfig = Field(default_factory=CurvatureWeightingConfig)
 
 
 class PretrainConfig(_Section):
@@ -319,6 +432,27 @@ class DensityLabelsConfig(_Section):
     limit: int | None = Field(None, ge=1, description="label at most N records (after start); null = all")
 
 
+class CurvatureConfig(_Section):
+    """``molmat curvature``: Hessian spectra of each target's loss on a fixed set of structures."""
+
+    batches: int = Field(8, ge=1, description="fixed batches the losses are summed over")
+    batch_size: int = Field(128, ge=1, description="structures per batch (batches x batch_size, seeded pick)")
+    top_k: int = Field(5, ge=1, description="top Hessian eigenvalues per target (Lanczos)")
+    lanczos_iters: int = Field(30, ge=1, description="Lanczos steps for the top eigenvalues")
+    trace_probes: int = Field(30, ge=1, description="Rademacher probes of the Hutchinson trace")
+    slq_starts: int = Field(3, ge=1, description="start vectors of stochastic Lanczos quadrature (density)")
+    slq_iters: int = Field(40, ge=1, description="Lanczos steps per start of the density")
+    sigma: float = Field(0.01, gt=0, description="Gaussian broadening of the density, relative to the spectral range")
+    float64: bool = Field(True, description="analyse in float64 (model and batch converted)")
+    hvp: Literal["auto", "autograd", "fd"] = Field(
+        "auto", description="Hessian-vector products: auto (double backprop unless it disagrees with finite "
+        "differences by 1e-4), autograd or fd")
+    params: Literal["all", "encoder", "heads"] = Field("all", description="parameters the Hessian is taken over")
+    max_minutes: float | None = Field(None, gt=0, description="stop after the target running when this is "
+                                      "reached; what was measured is written, marked incomplete")
+    seed: int = Field(0, description="seeds the structure pick and every random vector (the same for each target)")
+
+
 class Config(_Section):
     """The whole configuration; one section per stage."""
 
@@ -330,6 +464,7 @@ class Config(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     density_labels: DensityLabelsConfig = Field(default_factory=DensityLabelsConfig)
+    curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -362,7 +497,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         for part in path[:-1]:
             child = node.get(part)
-            if child is None:
+            if child is None or child == AUTO:
+                # setting a key inside an empty or auto slot starts it from its encoder's defaults
                 child = node[part] = {}
             if not isinstance(child, dict):
                 raise MolmatError(f"--set {item!r}: '{part}' is not a section")
@@ -419,6 +555,11 @@ def upgrade_model_section(model: dict[str, Any], finetune: dict[str, Any] | None
         if kind is not None and kind not in _LEGACY_KINDS:
             raise MolmatError(f"model.encoder (deprecated) must be mpnn, schnet or both, not {kind!r}")
         if kind is None:
+            # 0.1's default was model.encoder: mpnn; auto slots take that meaning in an old layout
+            if model.get("encoder2d") == AUTO:
+                model["encoder2d"] = {"name": "mpnn"}
+            if model.get("encoder3d") == AUTO:
+                model["encoder3d"] = None
             use2d = model.get("encoder2d", "default") is not None
             use3d = model.get("encoder3d") is not None
         else:

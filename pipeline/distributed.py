@@ -145,10 +145,45 @@ def any_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def scaled_lr(lr: float, world_size: int, rule: str) -> float:
-    """Learning rate for a world size under a scaling rule: none, linear or sqrt."""
+def lr_scale_factor(world_size: int, rule: str, batch_size: int | None = None,
+                    reference_batch_size: int | None = None) -> float:
+    """The factor :func:`scaled_lr` multiplies the learning rate by (see there)."""
+    if rule not in ("none", "linear", "sqrt"):
+        raise ValueError(f"unknown lr scaling rule {rule!r}; expected none, linear or sqrt")
+    if reference_batch_size is None or batch_size is None:
+        ratio = float(world_size)  # the reference is one process's batch: only the process count matters
+    else:
+        ratio = batch_size * world_size / reference_batch_size
     if rule == "linear":
-        return lr * world_size
+        return ratio
     if rule == "sqrt":
-        return lr * world_size ** 0.5
-    return lr
+        return ratio ** 0.5
+    return 1.0
+
+
+def scaled_lr(lr: float, world_size: int, rule: str, batch_size: int | None = None,
+              reference_batch_size: int | None = None) -> float:
+    """Learning rate for an effective batch under a scaling rule: none, linear or sqrt.
+
+    The effective batch is ``batch_size x world_size``; ``lr`` is the rate tuned for
+    ``reference_batch_size`` (``train.reference_batch_size``), and the factor is
+    ``effective / reference`` (linear) or its square root (sqrt). With no reference (null, the
+    default) the reference is one process's batch, so the factor is the world size or its square
+    root, as before reference batch sizes existed.
+
+    Linear scaling keeps the SGD trajectory (its noise scale lr/B) when the batch grows (Goyal et
+    al. 2017; Granziol et al., "Learning rates as a function of batch size", JMLR 2022, derive it
+    from the Hessian spectrum for SGD). For adaptive optimisers such as AdamW, which divide the
+    update by a running root-mean-square of the gradient, the matching rule is the square root
+    (Granziol et al. 2022; Malladi et al. 2022, "On the SDEs and scaling rules for adaptive
+    gradient algorithms", NeurIPS), so ``sqrt`` is the one for molmat's AdamW.
+
+    Args:
+        lr: the configured learning rate. world_size: processes.
+        rule: ``none``, ``linear`` or ``sqrt``.
+        batch_size: per-process batch (needed only with a reference).
+        reference_batch_size: the batch ``lr`` was tuned for; None = ``batch_size``.
+    Returns:
+        The learning rate to use.
+    """
+    return lr * lr_scale_factor(world_size, rule, batch_size, reference_batch_size)

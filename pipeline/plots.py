@@ -13,6 +13,8 @@ never sees half an image.
   best epoch marked, any ``*accuracy`` column (pretraining's contrastive accuracy), and ``lr``.
 * :func:`parity_plot`: predicted against true values, a scatter up to :data:`HEXBIN_ABOVE`
   points and a hexagonal density map above (a scatter of thousands of points is one blot).
+* :func:`spectral_density_plot` and :func:`curvature_comparison_plot`: Hessian spectral densities
+  of ``molmat curvature`` (one task, and all tasks on one axis), on a symmetric-log eigenvalue axis.
 """
 from __future__ import annotations
 
@@ -240,3 +242,121 @@ def parity_plot(pred: np.ndarray, y: np.ndarray, name: str, unit: str, path: str
     fig.tight_layout()
     _save_atomic(fig, Path(path))
     return kind
+
+
+# ------------------------------------------------------------------------- Hessian spectra
+#: Points of the grid a broadened spectral density is drawn on.
+DENSITY_GRID = 4000
+#: Densities below this fraction of a curve's peak are not drawn (the log axis would reach 1e-300).
+DENSITY_FLOOR = 1e-7
+
+
+def _broadened(nodes: Any, weights: Any, sigma_rel: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """A quadrature's density on a linear grid: (grid (G,), density (G,), absolute sigma).
+
+    ``sigma = sigma_rel x`` the nodes' range (or of their magnitude when all nodes coincide);
+    the grid reaches 5 sigma past the extreme nodes, with about 40 points per sigma at the default
+    relative width of 0.01.
+    """
+    import torch
+
+    from pipeline.curvature import broadened_density
+
+    nodes_t = torch.as_tensor(np.asarray(nodes, dtype=np.float64))
+    weights_t = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    lo, hi = float(nodes_t.min()), float(nodes_t.max())
+    span = hi - lo if hi > lo else max(abs(hi), 1e-12)
+    sigma = sigma_rel * span
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, DENSITY_GRID, dtype=torch.float64)
+    return grid.numpy(), broadened_density(nodes_t, weights_t, grid, sigma).numpy(), sigma
+
+
+def _symlog_axis(ax: Any, linthresh: float) -> None:
+    # a power of ten, so the decade ticks fall on the linear part's ends, not inside it; each
+    # half of the linear part as wide as a decade, so the ticks at 0 and +-linthresh do not collide
+    linthresh = 10.0 ** round(math.log10(linthresh)) if linthresh > 0 else 1e-12
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=1.0)
+    ax.axvline(0.0, color="0.6", lw=0.6, zorder=0)
+
+
+def _show_density(ax: Any, grid: np.ndarray, density: np.ndarray, **kw: Any) -> Any:
+    shown = np.where(density > density.max() * DENSITY_FLOOR, density, np.nan)
+    return ax.plot(grid, shown, **kw)[0]
+
+
+def spectral_density_plot(nodes: Any, weights: Any, top: Any, name: str, path: str | Path, sigma_rel: float = 0.01,
+                          trace: float | None = None) -> float:
+    """The broadened Hessian spectral density of one task's loss, top eigenvalues marked, as PNG.
+
+    The eigenvalue axis is symmetric-logarithmic (linear within the broadening width of zero,
+    logarithmic beyond, both signs), since a network's Hessian spectrum is a huge bulk near zero
+    with a few outliers decades away; the density axis is logarithmic.
+
+    Args:
+        nodes, weights: (S, m) stochastic Lanczos quadrature from :func:`pipeline.curvature.slq_density`.
+        top: (k,) top eigenvalues (Lanczos), drawn as vertical lines.
+        name: the task, for the title. path: PNG to write (replaced atomically).
+        sigma_rel: Gaussian broadening relative to the nodes' range.
+        trace: Hutchinson trace, for the title.
+    Returns:
+        The absolute broadening width used.
+    """
+    grid, density, sigma = _broadened(nodes, weights, sigma_rel)
+    top = np.asarray(top, dtype=np.float64)
+    fig, _ = _figure(5.6, 3.8)
+    ax = fig.subplots()
+    _show_density(ax, grid, density, color="C0", lw=1.3, label="density (SLQ)")
+    for i, lam in enumerate(top):
+        ax.axvline(lam, color="C3", lw=0.9, ls="--", alpha=0.8, label="top eigenvalues (Lanczos)" if i == 0 else None)
+    ax.set_yscale("log")
+    _symlog_axis(ax, sigma)
+    ax.set_xlabel("Hessian eigenvalue $\\lambda$ (symlog)")
+    ax.set_ylabel("spectral density")
+    title = f"{name}: $\\lambda_{{max}}$ = {top[0]:.4g}" if top.size else name
+    if trace is not None and math.isfinite(trace):
+        title += f", trace = {trace:.4g}"
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_atomic(fig, Path(path))
+    return sigma
+
+
+def curvature_comparison_plot(spectra: dict[str, tuple[Any, Any, Any, float]], path: str | Path,
+                              sigma_rel: float = 0.01) -> list[str]:
+    """Every task's Hessian spectral density on one symlog axis, sharpest first in the legend, as PNG.
+
+    Each curve has its own broadening (``sigma_rel`` of its own range), so a narrow spectrum is
+    not smeared by a wide one; each task's top eigenvalue is marked by a short tick in its colour
+    at the top of the axis.
+
+    Args:
+        spectra: per task name, (nodes (S, m), weights (S, m), top eigenvalues (k,), trace).
+        path: PNG to write (replaced atomically).
+        sigma_rel: broadening relative to each curve's range.
+    Returns:
+        The task names in legend order (descending top eigenvalue).
+    """
+    order = sorted(spectra, key=lambda t: -float(np.asarray(spectra[t][2], dtype=np.float64)[0]))
+    fig, _ = _figure(6.4, 4.2)
+    ax = fig.subplots()
+    sigmas = []
+    for i, task in enumerate(order):
+        nodes, weights, top, trace = spectra[task]
+        grid, density, sigma = _broadened(nodes, weights, sigma_rel)
+        sigmas.append(sigma)
+        lam = float(np.asarray(top, dtype=np.float64)[0])
+        tr = f", tr {trace:.3g}" if trace is not None and math.isfinite(trace) else ""
+        line = _show_density(ax, grid, density, color=f"C{i % 10}", lw=1.3, label=f"{task}: $\\lambda_{{max}}$ {lam:.3g}{tr}")
+        ax.axvline(lam, ymin=0.93, ymax=1.0, color=line.get_color(), lw=2.0)
+    ax.set_yscale("log")
+    _symlog_axis(ax, min(sigmas) if sigmas else 1e-6)
+    ax.set_xlabel("Hessian eigenvalue $\\lambda$ (symlog)")
+    ax.set_ylabel("spectral density")
+    ax.set_title("loss curvature per task (ticks: top eigenvalue)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save_atomic(fig, Path(path))
+    return order

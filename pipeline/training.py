@@ -322,17 +322,20 @@ class Trainer:
         self.raw_model = unwrap(model)
         self.model = model
         groups = list(param_groups) if param_groups else [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        lr = scaled_lr(cfg.lr, world_size, cfg.lr_scaling)
+        lr = scaled_lr(cfg.lr, world_size, cfg.lr_scaling, cfg.batch_size, cfg.reference_batch_size)
         for g in groups:
-            g["lr"] = scaled_lr(g.get("lr", cfg.lr), world_size, cfg.lr_scaling)
+            g["lr"] = scaled_lr(g.get("lr", cfg.lr), world_size, cfg.lr_scaling, cfg.batch_size,
+                                cfg.reference_batch_size)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
         if world_size > 1 and self.model is self.raw_model:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         if rank == 0:
-            log.info("effective batch size %d (%d per process x %d), lr %.3g (scaling rule: %s)",
-                     cfg.batch_size * world_size, cfg.batch_size, world_size, lr, cfg.lr_scaling)
+            log.info("effective batch size %d (%d per process x %d), lr %.3g (train.lr %.3g x %.4g; scaling rule: %s, "
+                     "reference batch %d%s)", cfg.batch_size * world_size, cfg.batch_size, world_size, lr, cfg.lr,
+                     lr / cfg.lr, cfg.lr_scaling, cfg.reference_batch_size or cfg.batch_size,
+                     "" if cfg.reference_batch_size else " = batch_size")
         self.sampler = EpochSampler(len(train_set), cfg.seed, shuffle=True, rank=rank, world_size=world_size)
         self.train_loader = make_loader(train_set, cfg.batch_size, self.sampler, cfg.num_workers,
                                         collate_fn=task.collate)

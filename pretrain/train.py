@@ -13,7 +13,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from pipeline import MolmatError
 from pipeline.checkpoint import ENCODER, data_identity, prepare_run_dir, save_model_dir
-from pipeline.config import Config, write_resolved
+from pipeline.config import AUTO, Config, write_resolved
 from pipeline.distributed import all_reduce_sums
 from pipeline.featurize import featurization_differences, neighbour_cutoff
 from pipeline.models import check_encoder_cutoff
@@ -99,11 +99,16 @@ def pretrain(data: list[str | Path], out: str | Path, config: Config, rank: int 
     """
     out = Path(out)
     pcfg, tcfg = config.pretrain, config.train
-    if config.model.encoder2d is None:
-        raise MolmatError("pretraining trains model.encoder2d, which is null; set it (e.g. --set model.encoder2d.name=mpnn)")
     manifests = [(str(d), load_manifest(d)) for d in data]
     featurization = _common_featurization(manifests)
     kinds = sorted({k for _, m in manifests for k in dataset_kinds(m)})
+    encoder2d = config.model.encoder2d
+    if encoder2d == AUTO:
+        # pretraining always aligns a 2D encoder: an auto slot that the data's kind leaves empty
+        # (crystals default to a 3D-only property model) takes the molecule default
+        encoder2d = config.model.resolve(kinds).encoder2d or config.model.auto.molecule.encoder2d
+    if encoder2d is None:
+        raise MolmatError("pretraining trains model.encoder2d, which is null; set it (e.g. --set model.encoder2d.name=mpnn)")
     for d, m in manifests:
         if dataset_has_coordinates(m) != "all":
             raise MolmatError(f"{d}: not every record has 3D coordinates; pretraining needs a 3D view of each "
@@ -124,14 +129,14 @@ def pretrain(data: list[str | Path], out: str | Path, config: Config, rank: int 
                           "on it. Re-run preprocess with --set split.val=0.1 (only split.json is rewritten)")
     train_set, val_set = ConcatDataset(train_parts), ConcatDataset(val_parts)
     identity = {"data": [data_identity(d) for d, _ in manifests],
-                "model": {"encoder2d": config.model.encoder2d.model_dump(mode="json"),
+                "model": {"encoder2d": encoder2d.model_dump(mode="json"),
                           "encoder3d": pcfg.encoder3d.model_dump(mode="json")},
                 "pretrain": pcfg.model_dump(mode="json")}
     prepare_run_dir(out, identity, restart, rank, world_size)
-    model = ContrastiveModel(config.model.encoder2d, pcfg.encoder3d, pcfg.proj_hidden, pcfg.proj_dim)
+    model = ContrastiveModel(encoder2d, pcfg.encoder3d, pcfg.proj_hidden, pcfg.proj_dim)
     model.to(device)
     collate_fn = make_collate(featurization["molecule_cutoff"], pcfg.use_conformers)
-    meta = {"model": {"encoder2d": config.model.encoder2d.model_dump(mode="json"),
+    meta = {"model": {"encoder2d": encoder2d.model_dump(mode="json"),
                       "encoder3d": pcfg.encoder3d.model_dump(mode="json")},
             "pretrain": pcfg.model_dump(mode="json"), "featurization": featurization,
             "preprocess": manifests[0][1]["preprocess"], "data": [str(Path(d).resolve()) for d, _ in manifests],

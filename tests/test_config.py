@@ -90,14 +90,35 @@ def test_molmat_0_1_model_layout_is_translated_with_a_deprecation_line(tmp_path,
 
 
 def test_encoder_slots_are_checked_by_view_and_default_names():
-    cfg = load_config(None, ["model.encoder3d.cutoff=4.5"])  # an empty slot filled without a name: schnet
-    assert cfg.model.encoder3d.name == "schnet" and cfg.model.encoder2d.name == "mpnn"
+    cfg = load_config(None, ["model.encoder3d.cutoff=4.5"])  # an auto slot filled without a name: schnet
+    assert cfg.model.encoder3d.name == "schnet" and cfg.model.encoder2d == "auto"
+    assert cfg.model.resolve(["molecule"]).encoder2d.name == "mpnn"  # auto: molecules keep the MPNN
+    assert cfg.model.resolve(["crystal"]).encoder2d is None
     with pytest.raises(MolmatError, match="model.encoder2d needs an encoder of the 2d graph; 'schnet'"):
         load_config(None, ["model.encoder2d.name=schnet"])  # switching the name drops the MPNN's settings
     with pytest.raises(MolmatError, match="unknown key 'model.encoder2d.mpnn.cutof'"):
         load_config(None, ["model.encoder2d.cutof=3"])
     with pytest.raises(MolmatError, match="both null"):
-        load_config(None, ["model.encoder2d=null"])
+        load_config(None, ["model.encoder2d=null"]).model.resolve(["molecule"])
+    with pytest.raises(MolmatError, match="both null"):
+        load_config(None, ["model.encoder2d=null", "model.encoder3d=null"])
+
+
+def test_auto_slots_take_the_per_kind_defaults():
+    """Unset slots follow the data: crystals get the crystal default, molecules and mixed data the
+    molecule default; a slot the run sets is kept; pretraining's 2D encoder never resolves to null."""
+    cfg = load_config()
+    assert (cfg.model.encoder2d, cfg.model.encoder3d) == ("auto", "auto")
+    mol, cry, mixed = (cfg.model.resolve(k) for k in (["molecule"], ["crystal"], ["crystal", "molecule"]))
+    assert (mol.encoder2d.name, mol.encoder3d) == ("mpnn", None) and mixed == mol
+    assert cry.encoder2d is None and cry.encoder3d == cfg.model.auto.crystal.encoder3d
+    assert cry.is_resolved() and cry.resolve(["molecule"]) is cry  # resolving twice changes nothing
+    set3d = load_config(None, ["model.encoder3d={name: painn, cutoff: 6.0}"]).model.resolve(["crystal"])
+    assert set3d.encoder2d is None and (set3d.encoder3d.name, set3d.encoder3d.cutoff) == ("painn", 6.0)
+    with pytest.raises(MolmatError, match="model.auto.crystal.encoder3d needs an encoder of the 3d graph"):
+        load_config(None, ["model.auto.crystal.encoder3d={name: mpnn}"])
+    with pytest.raises(MolmatError, match="must be resolved"):
+        cfg.model.slots()
     with pytest.raises(MolmatError, match="encoder2d"):
         load_config(None, ["model.encoder2d.name=gin"])
     assert load_config(None, ["model.encoder2d=null", "model.encoder3d.name=schnet"]).model.slots().keys() == {"encoder3d"}

@@ -67,7 +67,50 @@ def test_normaliser_round_trip_with_element_refs_and_log10(qm9_shards, mp_shards
             assert abs(all_t.mean()) < 1e-3 and abs(all_t.std() - 1) < 0.05
         if "K_VRH_GPa" in wanted:
             assert model.is_log10.tolist() == [False, True]
-            assert m[:, 1].sum() < m[:, 0].sum()  # moduli are missing for most crystals
+            assert m[:, 1].sum() < b.mask[:, 0].sum()  # moduli are missing for most crystals
+
+
+def test_gated_band_gap_and_composition_baseline(mp_shards):
+    """Band gaps: the regressor learns the positive gaps only, predictions are >= 0 and exactly 0
+    where the gate says metal; formation energy: learned minus a least-squares fit on element
+    fractions, which must explain part of its spread on real MP crystals."""
+    ds = ShardDataset(mp_shards)
+    wanted = ["band_gap_eV", "formation_energy_per_atom_eV"]
+    specs = target_specs(ds.manifest["targets"], wanted, None, None, {})
+    assert [(s.gated, s.composition_baseline) for s in specs] == [(True, False), (False, True)]
+    model = PropertyModel(ModelConfig.model_validate({"encoder2d": {"hidden": 8, "steps": 1}, "heads": {"hidden": 8}}),
+                          specs)
+    assert len(model.gates) == 1
+    cols = [ds.targets.index(w) for w in wanted]
+    recs = [dict(ds[i], y=ds[i]["y"][cols]) for i in range(len(ds))]
+    batches = [collate(recs[i:i + 100]) for i in range(0, len(recs), 100)]
+    model.fit_normalization(batches)
+    y = torch.cat([b.y for b in batches]).double()
+    t, m = zip(*(model.normalize(b.y, b.mask, b) for b in batches))
+    t, m = torch.cat(t), torch.cat(m)
+    metals = y[:, 0] == 0
+    assert metals.sum() > 20 and (~metals).sum() > 20  # both kinds in the sample
+    assert not m[metals, 0].any() and m[~metals, 0].all()  # the regressor never sees a metal
+    assert abs(t[m[:, 0], 0].mean()) < 1e-3  # normalised over the positive gaps
+    # the composition fit explains part of the formation energy: residual spread below the raw one
+    assert t[:, 1].std() * model.std[1] < 0.8 * y[:, 1].std()
+    b = batches[0]
+    tb, mb = model.normalize(b.y, b.mask, b)
+    pred, logits = model.outputs(b)
+    assert pred.shape == logits.shape == (b.num_graphs, 2) and (logits[:, 1] > 10).all()  # no gate on column 1
+    # exact round trip where the gate is open on the true labels' side
+    true_logits = torch.where(b.y > 0, 5.0, -5.0)
+    back = model.to_physical(tb.double(), b, true_logits)
+    np.testing.assert_allclose(back[:, 1].numpy(), b.y[:, 1].double().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(back[:, 0].numpy(), b.y[:, 0].double().numpy(), rtol=1e-5, atol=1e-6)
+    # whatever the network says: never negative, exactly zero with a closed gate
+    with torch.no_grad():
+        phys = model.predict(b)
+    assert (phys[:, 0] >= 0).all()
+    closed = model.to_physical(torch.full_like(tb, -50.0).double(), b, torch.full_like(tb, -1.0))
+    assert (closed[:, 0] == 0).all()
+    open_negative = model.to_physical(torch.full_like(tb, -50.0).double(), b, torch.full_like(tb, 1.0))
+    assert (open_negative[:, 0] == 0).all()  # max(y, 0)
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +267,12 @@ def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
     assert set(m["targets"]) == {"band_gap_eV", "formation_energy_per_atom_eV", "K_VRH_GPa", "G_VRH_GPa"}
     assert m["targets"]["K_VRH_GPa"]["count"] < m["targets"]["band_gap_eV"]["count"]
     assert "log10" in m["targets"]["K_VRH_GPa"]
+    # the gated band gap: never negative, the gate's report agrees with the predictions file
+    gate = m["targets"]["band_gap_eV"]["gate"]
+    rows = list(csv.DictReader(open(tmp_path / "mp" / "eval_test" / "predictions.csv")))
+    pred = np.array([float(r["band_gap_eV_pred"]) for r in rows])
+    assert (pred >= 0).all() and gate["predicted_zero"] == int((pred == 0).sum())
+    assert gate["true_zero"] == sum(float(r["band_gap_eV_true"]) == 0 for r in rows)
     out = tmp_path / "p.csv"
     mp_id, text = next(iter(mp_cif_texts(1).items()))
     cif = tmp_path / f"{mp_id}.cif"
@@ -272,6 +321,11 @@ def test_molmat_run_end_to_end(tmp_path):
     stages = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ") and " ran (" in line]
     assert stages == ["preprocess"] * 2 + ["pretrain"] + ["finetune", "evaluate"] * 4
     assert "| mp | band_gap_eV | eV |" in summary  # pretrained vs scratch table
+    # model slots on auto: the molecules get the MPNN, the crystals the crystal default (3D only)
+    rows = [line.split("|") for line in summary.splitlines() if line.startswith("| finetune |")]
+    assert len(rows) == 4
+    assert all("mpnn (2D): best val" in r[5] for r in rows if r[2].strip().startswith("qm9")), summary
+    assert all("schnet (3D): best val" in r[5] for r in rows if r[2].strip().startswith("mp")), summary
     assert "test MAE homo_Ha" in r.stdout and "val contrastive accuracy" in r.stdout
 
     before = {p: p.stat().st_mtime_ns for p in outputs}

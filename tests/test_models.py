@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 import dgl
@@ -17,7 +18,8 @@ from pipeline import testing as T
 from pipeline.config import PreprocessConfig
 from pipeline.featurize import featurize
 from pipeline.graphs import BOND_DIM, GraphBatch, collate
-from pipeline.models import ENCODERS, MPNN, MPNNConfig, SchNet, SchNetConfig, build_encoder, check_encoder_cutoff
+from pipeline.models import (ENCODERS, MPNN, MPNNConfig, PaiNN, PaiNNConfig, SchNet, SchNetConfig, build_encoder,
+                             check_encoder_cutoff)
 from pipeline.models import mpnn as mpnn_module
 from pipeline.models.mpnn import EDGE_TYPES, add_virtual_edges, edge_types
 from pipeline.readers import RawRecord
@@ -310,7 +312,7 @@ def test_schnet_continuous_as_an_edge_crosses_the_cutoff(qm9_records: list) -> N
 
 def test_schnet_interaction_matches_dense_reference(qm9_records: list) -> None:
     """cfconv on the graph equals the all-pairs sum ``h_i + f_out(sum_j f_in(h_j) * W(d_ij) f_c(d_ij))``."""
-    from pipeline.models.schnet import cosine_cutoff
+    from pipeline.models.schnet import ConvEdges, cosine_cutoff
 
     record = next(r for r in qm9_records if len(r["z"]) >= 12)
     net = _schnet(cutoff=4.0)
@@ -325,8 +327,9 @@ def test_schnet_interaction_matches_dense_reference(qm9_records: list) -> None:
         dense = h + block.f2out(torch.einsum("ijh,jh->ih", w, block.in2f(h)))
         d_edges = dist[batch.g3d.edges()[0], batch.g3d.edges()[1]]
         keep = d_edges < 4.0
-        g = dgl.graph((batch.g3d.edges()[0][keep], batch.g3d.edges()[1][keep]), num_nodes=len(pos))
-        graph = block(g, h, net.rbf(d_edges[keep]), cosine_cutoff(d_edges[keep], 4.0))
+        edges = ConvEdges(batch.g3d.edges()[0][keep], batch.g3d.edges()[1][keep], 0, int(keep.sum()), len(pos))
+        rbf = net.rbf(d_edges[keep])
+        graph = block(edges, h, F.softplus(block.filter[0](rbf)), cosine_cutoff(d_edges[keep], 4.0).unsqueeze(-1))
     _close(graph, dense, 1e-5)
 
 
@@ -358,7 +361,7 @@ def test_schnet_needs_3d(qm9_records: list) -> None:
 
 # ------------------------------------------------------------------------------- configs, build
 def test_build_encoder_and_configs() -> None:
-    assert set(ENCODERS) == {"mpnn", "schnet"}
+    assert set(ENCODERS) == {"mpnn", "schnet", "painn"}
     net = build_encoder("mpnn", {"hidden": 8, "readout": "sum"})
     assert isinstance(net, MPNN) and net.out_dim == 8
     assert isinstance(build_encoder("schnet", SchNetConfig(hidden=8)), SchNet)
@@ -366,7 +369,7 @@ def test_build_encoder_and_configs() -> None:
     # by config alone: the name inside picks the encoder
     assert isinstance(build_encoder({"name": "schnet", "hidden": 8}), SchNet)
     assert build_encoder(MPNNConfig(hidden=4, readout="mean")).out_dim == 4
-    with pytest.raises(MolmatError, match="mpnn, schnet"):
+    with pytest.raises(MolmatError, match="mpnn, painn, schnet"):
         build_encoder("gin", {})
     with pytest.raises(MolmatError, match="hiden"):
         build_encoder("mpnn", {"hiden": 8})
@@ -435,3 +438,159 @@ def test_batched_crystal_shells_equal_one_record_at_a_time(mp_records: list) -> 
     alone = torch.cat([collate([r]).g2d.edata["e"] for r in mp_records])
     assert torch.equal(together, alone)
     assert together[:, 8:].sum() > 0  # second and further shells occur: the comparison covers them
+
+
+# ----------------------------------------------------------------------------------------- PaiNN
+def _painn(**kwargs: Any) -> PaiNN:
+    torch.manual_seed(0)
+    return PaiNN(PaiNNConfig(**{"hidden": 16, "interactions": 2, "n_rbf": 12, **kwargs})).eval()
+
+
+def test_painn_shapes_and_vector_equivariance(qm9_records: list, mp_records: list) -> None:
+    net = _painn(readout="sum")
+    assert net.out_dim == net.node_dim == 16
+    rot = T.random_rotation(5)
+    for records in (qm9_records[:8], mp_records[:8]):
+        batch = collate(records)
+        with torch.no_grad():
+            graph, nodes = net(batch)
+            s, v = net.atom_states(batch)
+            s_rot, v_rot = net.atom_states(collate([T.rotate(r, rot) for r in records]))
+        assert graph.shape == (len(records), 16) and nodes.shape == (batch.g3d.num_nodes(), 16)
+        assert torch.isfinite(graph).all() and not torch.allclose(graph[0], graph[1])
+        # scalars invariant, vectors rotate with the structure: v(R x) = R v(x), row vectors
+        _close(s_rot, s)
+        _close(v_rot, torch.einsum("ij,njf->nif", torch.as_tensor(rot, dtype=v.dtype), v))
+        assert v.abs().max() > 1e-3  # the vector channel is used
+
+
+def test_painn_molecule_rotation_translation_permutation(qm9_records: list) -> None:
+    records = [r for r in qm9_records if len(r["z"]) >= 9][:4]
+    net = _painn()
+    rot = T.random_rotation(0)
+    with torch.no_grad():
+        T.assert_invariant(lambda rs: net(collate(rs))[0], records, {
+            "rotation and translation": lambda r: T.translate(T.rotate(r, rot), [3.1, -7.2, 0.4]),
+            "permutation": lambda r: T.permute(r, T.random_permutation(r, seed=2)),
+        }, atol=1e-4, rtol=1e-4)
+        ref, _ = net(collate(records))
+        bent = [dict(r, pos=r["pos"] * 1.05) for r in records]
+        assert (net(collate(bent))[0] - ref).abs().max() > 1e-3
+
+
+def test_painn_sees_angles_that_distances_alone_miss(qm9_records: list) -> None:
+    """Real QM9 ammonia with one H-N-H angle opened from the real ~107 to 150 degrees, bond
+    lengths kept and only the N-H edges listed: every atom sees the same distances, so SchNet's
+    atom states cannot change; PaiNN's must, through its vector channel."""
+    nh3 = next(r for r in qm9_records if sorted(r["z"].tolist()) == [1, 1, 1, 7])
+    o = int(np.flatnonzero(nh3["z"] == 7)[0])
+    hs = np.flatnonzero(nh3["z"] == 1)
+    h1, h2 = int(hs[0]), int(hs[1])
+    src = np.concatenate([hs, np.full(3, o)]); dst = np.concatenate([np.full(3, o), hs])
+    base = dict(nh3, nbr_index=np.stack([src, dst]), nbr_image=np.zeros((6, 3)))
+
+    def opened(angle_deg: float) -> dict[str, Any]:
+        pos = nh3["pos"].copy()
+        a, b = pos[h1] - pos[o], pos[h2] - pos[o]
+        axis = np.cross(a, b) / np.linalg.norm(np.cross(a, b))
+        e1 = a / np.linalg.norm(a)
+        e2 = np.cross(axis, e1)
+        t = np.deg2rad(angle_deg)
+        pos[h2] = pos[o] + np.linalg.norm(b) * (np.cos(t) * e1 + np.sin(t) * e2)
+        return dict(base, pos=pos)
+
+    painn = _painn(cutoff=5.0)
+    schnet = SchNet(SchNetConfig(hidden=16, interactions=2, n_rbf=12, cutoff=5.0)).eval()
+    with torch.no_grad():
+        p = [painn(collate([r]))[1] for r in (base, opened(150.0))]
+        q = [schnet(collate([r]))[1] for r in (base, opened(150.0))]
+    _close(q[0], q[1], 1e-5)
+    assert (p[0] - p[1]).abs().max() > 1e-3
+
+
+def test_painn_crystal_cell_choice(mp_structures: list) -> None:
+    net_mean, net_sum = _painn(cutoff=5.0), _painn(cutoff=5.0, readout="sum")
+    rot = T.random_rotation(3)
+    variants = {
+        "super": lambda r: T.supercell(r, (2, 1, 1), CRYSTAL_CFG),
+        "basis": lambda r: T.supercell(r, [[1, 1, 0], [0, 1, 0], [0, 0, 1]], CRYSTAL_CFG),
+        "wrapped": lambda r: T.wrap(T.translate(r, np.full(3, 0.37) @ r["cell"])),
+        "rotated": lambda r: T.rotate(r, rot),
+    }
+    records = [crystal_record(s) for s in mp_structures]
+    with torch.no_grad():
+        ref, ref_sum = net_mean(collate(records))[0], net_sum(collate(records))[0]
+        assert torch.cdist(ref, ref).fill_diagonal_(1.0).min() > 1e-3
+        T.assert_invariant(lambda rs: net_mean(collate(rs))[0], records, variants, atol=1e-4, rtol=1e-4)
+        for name, variant in variants.items():
+            factor = 2.0 if name == "super" else 1.0
+            _close(factor * ref_sum, net_sum(collate([variant(r) for r in records]))[0])
+
+
+def test_painn_cutoff_and_continuity(qm9_records: list) -> None:
+    records = qm9_records[10:16]
+    trimmed = []
+    for r in records:
+        src, dst = r["nbr_index"]
+        keep = np.linalg.norm(r["pos"][src] - r["pos"][dst], axis=1) < 3.0
+        trimmed.append(dict(r, nbr_index=r["nbr_index"][:, keep], nbr_image=r["nbr_image"][keep]))
+    net = _painn(cutoff=3.0)
+    with torch.no_grad():
+        _close(net(collate(records))[0], net(collate(trimmed))[0], 1e-5)
+    record = next(r for r in qm9_records if len(r["z"]) >= 9)
+    src, dst = record["nbr_index"]
+    d = np.linalg.norm(record["pos"][src] - record["pos"][dst], axis=1)
+    d0 = d[np.argmin(np.abs(d - 3.0))]
+    with torch.no_grad():
+        out = [net(collate([dict(record, pos=record["pos"] * (t / d0))]))[0] for t in (3.0 - 1e-4, 3.0 + 1e-4)]
+    _close(out[0], out[1], 1e-3)
+
+
+def test_painn_message_matches_dense_reference(qm9_records: list) -> None:
+    """The first message block on the graph equals its all-pairs definition with einsum."""
+    from pipeline.models.schnet import cosine_cutoff
+
+    record = next(r for r in qm9_records if len(r["z"]) >= 12)
+    net = _painn(cutoff=4.0)
+    batch = collate([record])
+    pos = batch.g3d.ndata["pos"].double()
+    net = net.double()
+    with torch.no_grad():
+        s = net.embedding(batch.g3d.ndata["z"])
+        v = torch.randn(len(pos), 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        rij = pos.unsqueeze(0) - pos.unsqueeze(1)            # [i, j] = r_j - r_i
+        dist = rij.norm(dim=-1)
+        off = ~torch.eye(len(pos), dtype=torch.bool)
+        d_safe = torch.where(off, dist, torch.ones_like(dist))
+        block = net.messages[0]
+        w = block.filter(net.rbf(d_safe)) * cosine_cutoff(d_safe, 4.0).unsqueeze(-1) * off.unsqueeze(-1)
+        phi = block.phi(s)
+        x = phi.unsqueeze(0) * w                             # [i, j, 3F]
+        x_vv, x_s, x_vs = x.split(16, dim=-1)
+        s_ref = s + x_s.sum(1)
+        unit = rij / d_safe.unsqueeze(-1)
+        v_ref = v + torch.einsum("ijf,jcf->icf", x_vv, v) + torch.einsum("ijf,ijc->icf", x_vs, unit)
+        src, dst = batch.g3d.edges()
+        vec = pos[src] - pos[dst]
+        dd = vec.norm(dim=-1)
+        keep = dd < 4.0
+        s_g, v_g = block(s, v.permute(1, 0, 2), src[keep], dst[keep], net.rbf(dd[keep]),
+                         cosine_cutoff(dd[keep], 4.0).unsqueeze(-1), (vec[keep] / dd[keep].unsqueeze(-1)).T.unsqueeze(-1))
+        v_g = v_g.permute(1, 0, 2)
+    _close(s_g, s_ref, 1e-8)
+    _close(v_g, v_ref, 1e-8)
+
+
+@pytest.mark.parametrize("records_name", ["qm9_records", "mp_records"])
+def test_painn_position_gradients(records_name: str, request: pytest.FixtureRequest) -> None:
+    batch: GraphBatch = collate(request.getfixturevalue(records_name)[:8])
+    net = _painn(cutoff=4.0)
+    pos = batch.g3d.ndata["pos"].clone().requires_grad_(True)
+    graph = net(batch, pos)[0]
+    # not graph.sum(): the final LayerNorm makes each row sum to a constant
+    probe = torch.randn(graph.shape, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad((graph * probe).sum(), pos)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 1e-4
+    per_graph = torch.zeros(batch.num_graphs, 3, dtype=torch.float64).index_add_(
+        0, torch.repeat_interleave(torch.arange(batch.num_graphs), batch.n_atoms), grad.double())
+    assert per_graph.abs().max() < 1e-4

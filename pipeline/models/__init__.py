@@ -18,15 +18,17 @@ from torch import nn
 from pipeline import MolmatError
 from pipeline.config import _format_validation_error
 from pipeline.models.mpnn import MPNN, MPNNConfig
+from pipeline.models.painn import PaiNN, PaiNNConfig
 from pipeline.models.schnet import SchNet, SchNetConfig
 
 #: Encoder name -> (module class, config class).
 ENCODERS: dict[str, tuple[type[nn.Module], type[BaseModel]]] = {
     "mpnn": (MPNN, MPNNConfig),
     "schnet": (SchNet, SchNetConfig),
+    "painn": (PaiNN, PaiNNConfig),
 }
 
-__all__ = ["ENCODERS", "MPNN", "MPNNConfig", "SchNet", "SchNetConfig", "build_encoder", "encoder_config",
+__all__ = ["ENCODERS", "MPNN", "MPNNConfig", "PaiNN", "PaiNNConfig", "SchNet", "SchNetConfig", "build_encoder", "encoder_config",
            "check_encoder_cutoff"]
 
 

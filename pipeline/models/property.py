@@ -6,6 +6,12 @@ Targets are learned in a transformed, normalised space and reported in physical 
   treated as missing);
 * ``extensive`` targets (total energies) are learned per atom after subtracting fitted element
   references: ``t = (y - sum_i ref[Z_i]) / n_atoms``;
+* ``composition_baseline`` targets (intensive, e.g. formation energy per atom) are learned after
+  subtracting a fitted linear function of the element fractions, ``t = y - sum_Z x_Z ref[Z]``,
+  so the network learns what composition alone does not explain;
+* ``gated`` targets (band gaps: never negative, exactly zero for metals) get a second head, a
+  classifier of ``y > 0``; the regressor learns the positive labels only, and the prediction is
+  ``max(regressor, 0)`` where the classifier says positive and exactly 0 elsewhere;
 * every target is then normalised with the training split's mean and std.
 
 References, means and stds are buffers of the module, so they are saved with the weights and a
@@ -29,6 +35,12 @@ from pipeline.graphs import GraphBatch
 from pipeline.models import build_encoder
 
 DEFAULT_EXTENSIVE = ("U0_Ha", "U_Ha", "H_Ha", "G_Ha")
+#: Name prefixes of targets gated by default (non-negative with exact zeros).
+DEFAULT_GATED = ("band_gap",)
+#: Name prefixes of targets learned on top of a composition baseline by default.
+DEFAULT_BASELINE = ("formation_energy",)
+#: Logit that stands for "no gate" in the gate columns of targets that are not gated.
+_OPEN = 30.0
 #: Which graph of a batch each encoder slot reads.
 SLOT_VIEWS = {"encoder2d": "2d", "encoder3d": "3d"}
 
@@ -42,11 +54,18 @@ class TargetSpec:
     transform: str = "none"      # "none" | "log10"
     extensive: bool = False
     weight: float = 1.0
+    gated: bool = False          # y >= 0 with exact zeros: classifier of y > 0 times a regressor
+    composition_baseline: bool = False  # learn y minus a fitted linear function of element fractions
 
 
 def target_specs(targets: list[dict[str, str]], wanted: list[str] | None, log10: list[str] | None,
-                 extensive: list[str] | None, weights: dict[str, float]) -> list[TargetSpec]:
-    """Target specs from the shard manifest's targets and the finetune config."""
+                 extensive: list[str] | None, weights: dict[str, float], gated: list[str] | None = None,
+                 baseline: list[str] | None = None) -> list[TargetSpec]:
+    """Target specs from the shard manifest's targets and the finetune config.
+
+    A ``None`` list means the default by name: log10 for ``*_GPa``, extensive for QM9's total
+    energies, gated for ``band_gap*``, a composition baseline for ``formation_energy*``.
+    """
     units = {t["name"]: t["unit"] for t in targets}
     names = wanted or list(units)
     missing = [n for n in names if n not in units]
@@ -54,8 +73,13 @@ def target_specs(targets: list[dict[str, str]], wanted: list[str] | None, log10:
         raise MolmatError(f"target(s) {', '.join(missing)} are not in the shards; they hold {', '.join(units)}")
     log10 = log10 if log10 is not None else [n for n in names if n.endswith("_GPa")]
     extensive = extensive if extensive is not None else [n for n in names if n in DEFAULT_EXTENSIVE]
-    return [TargetSpec(n, units[n], "log10" if n in log10 else "none", n in extensive, float(weights.get(n, 1.0)))
-            for n in names]
+    gated = gated if gated is not None else [n for n in names if n.startswith(DEFAULT_GATED)]
+    baseline = baseline if baseline is not None else [n for n in names if n.startswith(DEFAULT_BASELINE)]
+    both = [n for n in names if n in extensive and n in baseline]
+    if both:
+        raise MolmatError(f"target(s) {', '.join(both)} cannot be both extensive and have a composition baseline")
+    return [TargetSpec(n, units[n], "log10" if n in log10 else "none", n in extensive, float(weights.get(n, 1.0)),
+                       n in gated, n in baseline) for n in names]
 
 
 def labelled_mask(y: Any, mask: Any, is_log10: Any) -> Any:
@@ -95,6 +119,9 @@ class PropertyModel(nn.Module):
 
     def __init__(self, model_cfg: ModelConfig, targets: list[TargetSpec]) -> None:
         super().__init__()
+        # fine-tuning resolves auto slots for its data; a config built without data in view gets
+        # the molecule defaults (the only defaults before per-kind ones existed)
+        model_cfg = model_cfg.resolve(["molecule"])
         self.model_cfg = model_cfg
         self.targets = targets
         self.encoder2d = build_encoder(model_cfg.encoder2d) if model_cfg.encoder2d is not None else None
@@ -102,6 +129,8 @@ class PropertyModel(nn.Module):
         d = sum(e.out_dim for e in self.encoders())
         heads = model_cfg.heads
         self.heads = nn.ModuleList(_mlp(d, heads.hidden, heads.layers, heads.dropout) for _ in targets)
+        #: one classifier head per gated target, in target order
+        self.gates = nn.ModuleList(_mlp(d, heads.hidden, heads.layers, heads.dropout) for s in targets if s.gated)
         t = len(targets)
         self.register_buffer("mean", torch.zeros(t, dtype=torch.float64))
         self.register_buffer("std", torch.ones(t, dtype=torch.float64))
@@ -109,6 +138,10 @@ class PropertyModel(nn.Module):
         self.register_buffer("is_log10", torch.tensor([s.transform == "log10" for s in targets], dtype=torch.bool))
         self.register_buffer("is_extensive", torch.tensor([s.extensive for s in targets], dtype=torch.bool))
         self.register_buffer("loss_weight", torch.tensor([s.weight for s in targets], dtype=torch.float32))
+        # derived from the target specs (config.json), so not stored with the weights
+        self.register_buffer("is_gated", torch.tensor([s.gated for s in targets], dtype=torch.bool), persistent=False)
+        self.register_buffer("has_baseline", torch.tensor([s.composition_baseline for s in targets], dtype=torch.bool),
+                             persistent=False)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "PropertyModel":
@@ -139,10 +172,29 @@ class PropertyModel(nn.Module):
             parts.append(self.encoder3d(batch)[0])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def forward(self, batch: GraphBatch) -> torch.Tensor:
-        """Normalised predictions (B, T)."""
+    def forward(self, batch: GraphBatch, gates: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalised regression outputs (B, T) (for gated targets: of the positive part).
+
+        With ``gates``, also the gate logits (B, T) from the same encoder pass (see :meth:`outputs`).
+        """
+        return self.outputs(batch) if gates else self.outputs(batch)[0]
+
+    def outputs(self, batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised regression outputs (B, T) and gate logits (B, T) from one encoder pass.
+
+        The logit of a target without a gate is a large constant (gate open).
+        """
         h = self.embed(batch)
-        return torch.cat([head(h) for head in self.heads], dim=-1)
+        pred = torch.cat([head(h) for head in self.heads], dim=-1)
+        logits = torch.full_like(pred, _OPEN)
+        if len(self.gates):
+            logits = logits.index_copy(1, torch.nonzero(self.is_gated).flatten(),
+                                       torch.cat([gate(h) for gate in self.gates], dim=-1))
+        return pred, logits
+
+    def gate_labels(self, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each gate learns: (B, T) float ``y > 0`` and (B, T) bool mask (labelled, gated columns)."""
+        return (y > 0).float(), mask & self.is_gated
 
     # ----------------------------------------------------------------------------- transforms
     def _composition(self, batch: GraphBatch) -> torch.Tensor:
@@ -153,31 +205,46 @@ class PropertyModel(nn.Module):
         counts.index_put_((graph, z), torch.ones_like(z, dtype=torch.float64), accumulate=True)
         return counts
 
+    def _reference(self, comp: torch.Tensor, n_atoms: torch.Tensor) -> torch.Tensor:
+        """Element-reference term (B, T): counts @ ref for extensive targets, fractions @ ref for baselines."""
+        ref = comp @ self.element_ref.T
+        return torch.where(self.has_baseline, ref / n_atoms.double().unsqueeze(-1), ref)
+
     def _learned(self, y: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor,
                  n_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Physical (B, T) -> learned space before normalisation, and the mask minus invalid log10."""
+        """Physical (B, T) -> learned space before normalisation, and the regression mask
+        (labelled, positive for log10 targets, and positive for gated targets)."""
         y = y.double()
-        ref = comp @ self.element_ref.T
+        ref = self._reference(comp, n_atoms)
         t = torch.where(self.is_extensive, (y - ref) / n_atoms.double().unsqueeze(-1), y)
+        t = torch.where(self.has_baseline, y - ref, t)
         t = torch.where(self.is_log10, torch.log10(torch.where(y > 0, y, torch.ones_like(y))), t)
-        return t, labelled_mask(y, mask, self.is_log10)
+        return t, labelled_mask(y, mask, self.is_log10) & (~self.is_gated | (y > 0))
 
     def normalize(self, y: torch.Tensor, mask: torch.Tensor, batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical targets (B, T) -> normalised learned space (B, T) float32, with the effective mask."""
         t, mask = self._learned(y, mask, self._composition(batch), batch.n_atoms)
         return ((t - self.mean) / self.std).float(), mask
 
-    def to_physical(self, pred: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
-        """Normalised predictions (B, T) -> physical units (B, T) float64."""
+    def to_physical(self, pred: torch.Tensor, batch: GraphBatch, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised predictions (B, T) (and gate logits (B, T)) -> physical units (B, T) float64.
+
+        Gated targets are ``max(y, 0)`` where the logit is positive and 0 where it is not
+        (without logits: ``max(y, 0)``).
+        """
         t = pred.double() * self.std + self.mean
-        ref = self._composition(batch) @ self.element_ref.T
+        ref = self._reference(self._composition(batch), batch.n_atoms)
         y = torch.where(self.is_extensive, t * batch.n_atoms.double().unsqueeze(-1) + ref, t)
-        return torch.where(self.is_log10, torch.pow(10.0, t), y)
+        y = torch.where(self.has_baseline, t + ref, y)
+        y = torch.where(self.is_log10, torch.pow(10.0, t), y)
+        gate = logits > 0 if logits is not None else torch.ones_like(self.is_gated)
+        return torch.where(self.is_gated, torch.where(gate, y.clamp_min(0.0), torch.zeros_like(y)), y)
 
     @torch.no_grad()
     def predict(self, batch: GraphBatch) -> torch.Tensor:
         """Predictions in physical units (B, T) float64."""
-        return self.to_physical(self(batch), batch)
+        pred, logits = self.outputs(batch)
+        return self.to_physical(pred, batch, logits)
 
     @torch.no_grad()
     def fit_normalization(self, batches: Iterable[GraphBatch]) -> None:
@@ -191,9 +258,11 @@ class PropertyModel(nn.Module):
         comp, y, mask, n_atoms = torch.cat(comps), torch.cat(ys), torch.cat(masks), torch.cat(sizes)
         for j, spec in enumerate(self.targets):
             rows = mask[:, j]
-            if spec.extensive and rows.any():
-                used = comp[rows].sum(0) > 0
-                coef, *_ = np.linalg.lstsq(comp[rows][:, used].numpy(), y[rows, j].numpy(), rcond=None)
+            if (spec.extensive or spec.composition_baseline) and rows.any():
+                # extensive: y ~ counts @ ref; baseline: y ~ fractions @ ref (least squares)
+                x = comp[rows] if spec.extensive else comp[rows] / n_atoms[rows].double().unsqueeze(-1)
+                used = x.sum(0) > 0
+                coef, *_ = np.linalg.lstsq(x[:, used].numpy(), y[rows, j].numpy(), rcond=None)
                 self.element_ref[j, used] = torch.from_numpy(coef).to(self.element_ref)
         t, mask = self._learned(y, mask, comp, n_atoms)
         for j in range(len(self.targets)):

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Crystal encoders against composition baselines on Materials Project (issue 11).
+
+Every model trains under the same wall-clock budget on one torch thread (``--jobs`` runs go side
+by side, one core each), for each seed, and is scored on the seeded test split of the shards:
+
+* molmat encoders through ``molmat finetune`` / ``molmat evaluate``: ``mpnn`` (2D neighbour
+  topology), ``schnet`` and ``painn`` (3D, cutoff 8 A), ``both`` (MPNN + SchNet); with the default
+  heads (band gap gated, formation energy on a composition baseline) and, as an ablation,
+  ``*_plain`` (neither);
+* composition baselines on element fractions (Z 1..94): ridge (closed form), a 2x256 MLP (same
+  budget), and a random forest (scikit-learn, when importable; 300 trees).
+
+Pools: ``full`` (every training record of the shards) and ``8k`` (a seeded 8,000-record subset
+of the same training split: ``finetune.max_train=8000``); validation and test splits are the same
+for both, so the two pools are directly comparable.
+
+    .venv/bin/python bench/bench_crystal.py --mp SHARDS [--elastic SHARDS] --minutes 20 --seeds 0,1 --jobs 2
+
+Runs are kept under ``--work`` and reused when complete (a killed benchmark resumes). Writes
+``crystal_encoders.json`` and ``crystal_encoders.md`` into ``--results``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+MOLMAT = str(ROOT / ".venv" / "bin" / "molmat")
+BENCHLIB = "/tmp/benchlib"  # where scikit-learn may be installed for the random forest
+
+TARGETS = {"mp": ["band_gap_eV", "formation_energy_per_atom_eV"], "mp_elastic": ["K_VRH_GPa", "G_VRH_GPa"]}
+LOG10 = {"K_VRH_GPa", "G_VRH_GPa"}
+UNITS = {"band_gap_eV": "eV", "formation_energy_per_atom_eV": "eV/atom", "K_VRH_GPa": "log10(GPa)",
+         "G_VRH_GPa": "log10(GPa)"}
+PLAIN = ["finetune.gated_targets=[]", "finetune.composition_baseline_targets=[]"]
+MODELS: dict[str, list[str]] = {
+    "mpnn": ["model.encoder2d.name=mpnn", "model.encoder3d=null"],
+    "schnet": ["model.encoder2d=null", "model.encoder3d={name: schnet, cutoff: 8.0}"],
+    "painn": ["model.encoder2d=null", "model.encoder3d={name: painn, cutoff: 8.0}"],
+    "both": ["model.encoder2d.name=mpnn", "model.encoder3d={name: schnet, cutoff: 8.0}"],
+}
+MODELS.update({f"{k}_plain": v + PLAIN for k, v in list(MODELS.items())})
+BASELINES = ("composition_ridge", "composition_mlp", "composition_rf")
+
+
+def log(msg: str) -> None:
+    """Time-stamped progress line."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, minutes: float, work: Path) -> dict[str, Any]:
+    """Fine-tune and evaluate one molmat model (reused when its evaluation already exists)."""
+    run = work / "runs" / f"{dataset}_{pool}_{model}_s{seed}"
+    metrics_file = run / "eval_test" / "metrics.json"
+    sets = [f"train.max_minutes={minutes}", "train.epochs=1000", "train.threads=1", f"train.seed={seed}",
+            "finetune.targets=[" + ",".join(TARGETS[dataset]) + "]", *MODELS[model]]
+    if pool == "8k":
+        sets.append("finetune.max_train=8000")
+    ft = ["finetune", "--data", str(shards), "--out", str(run)] + [a for s in sets for a in ("--set", s)]
+    ev = ["evaluate", str(run), "--data", str(shards), "--split", "test"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not metrics_file.exists():
+        log(f"start {run.name}")
+        logf = work / "logs" / f"{run.name}.log"
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        with open(logf, "w") as fh:
+            rc = subprocess.call([MOLMAT, *ft, "--restart"], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            if rc == 0:
+                rc = subprocess.call([MOLMAT, *ev], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if rc != 0:
+            return {"error": f"rc {rc}, log {logf}"}
+        log(f"done {run.name}")
+    metrics = json.loads(metrics_file.read_text())
+    timing = json.loads((run / "timing.json").read_text())
+    result = json.loads((run / "result.json").read_text())
+    per_target = {}
+    for t in TARGETS[dataset]:
+        m = metrics["targets"][t]
+        per_target[t] = {"mae": m["log10"]["mae"] if t in LOG10 else m["mae"],
+                         "r2": m["log10"]["r2"] if t in LOG10 else m["r2"], "count": m["count"]}
+    return {"per_target": per_target, "graphs_per_s": timing["graphs_per_s"], "epochs": result["epochs_run"],
+            "stopped_by": result["stopped_by"], "run_dir": str(run),
+            "command": shlex.join(["molmat", *ft]) + " && " + shlex.join(["molmat", *ev])}
+
+
+def composition_baseline(dataset: str, shards: Path, kind: str, pool: str, seed: int, minutes: float) -> dict[str, Any]:
+    """Ridge, MLP or random forest on element fractions; same split (and 8k subset) as molmat."""
+    import numpy as np
+
+    import bench_finetune as bf
+    from finetune.modeldata import TargetColumns
+    from pipeline.shards import ShardDataset, load_manifest
+    from pipeline.splits import load_split
+
+    targets = TARGETS[dataset]
+    is_log = np.array([t in LOG10 for t in targets])
+    manifest, split = load_manifest(shards), load_split(shards)
+    names = [t["name"] for t in manifest["targets"]]
+    cols = [names.index(t) for t in targets]
+    train_idx = split["train"]
+    if pool == "8k":  # the records finetune.max_train=8000 picks
+        pick = np.random.default_rng(split["seed"]).permutation(len(train_idx))[:8000]
+        train_idx = sorted(train_idx[i] for i in pick)
+    ds = {k: TargetColumns(ShardDataset(shards, idx), cols)
+          for k, idx in (("train", train_idx), ("val", split["val"]), ("test", split["test"]))}
+    X, _ = bf._features(ds["train"], "composition")
+    Xv, _ = bf._features(ds["val"], "composition")
+    Xt, _ = bf._features(ds["test"], "composition")
+    y_tr, y_va, y_te = bf._labels(ds["train"]), bf._labels(ds["val"]), bf._labels(ds["test"])
+    T, M = bf._to_learned(y_tr, is_log)
+    Tv, Mv = bf._to_learned(y_va, is_log)
+    t0 = time.time()
+    info: dict[str, Any] = {}
+    if kind == "composition_ridge":
+        coefs = bf._ridge(X, T, M, Xv, Tv, Mv)
+        pred = np.stack([(Xt - xm) @ w + ym for (_, a, w, xm, ym) in coefs], axis=1)
+    elif kind == "composition_rf":
+        if BENCHLIB not in sys.path:
+            sys.path.append(BENCHLIB)
+        from sklearn.ensemble import RandomForestRegressor
+
+        pred = np.zeros((len(Xt), len(targets)))
+        for j in range(len(targets)):
+            rf = RandomForestRegressor(n_estimators=300, n_jobs=1, random_state=seed)
+            rf.fit(X[M[:, j]], T[M[:, j], j])
+            pred[:, j] = rf.predict(Xt)
+    else:
+        import torch
+
+        from finetune.losses import masked_loss
+
+        torch.manual_seed(seed)
+        mean = np.array([T[M[:, j], j].mean() for j in range(len(targets))])
+        std = np.array([T[M[:, j], j].std() for j in range(len(targets))])
+        net = torch.nn.Sequential(torch.nn.Linear(X.shape[1], 256), torch.nn.SiLU(), torch.nn.Linear(256, 256),
+                                  torch.nn.SiLU(), torch.nn.Linear(256, len(targets)))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-5)
+        Xtr, Yn, Mt = torch.from_numpy(X), torch.from_numpy(((T - mean) / std).astype(np.float32)), torch.from_numpy(M)
+        best, best_state, start, epoch, bad = float("inf"), None, time.time(), 0, 0
+        while time.time() - start < minutes * 60 and epoch < 1000 and bad < 30:  # molmat's default patience
+            perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            for k in range(0, len(X), 64):
+                idx = perm[k:k + 64]
+                loss = masked_loss(net(Xtr[idx]), Yn[idx], Mt[idx], torch.ones(len(targets)), "mse")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                pv = net(torch.from_numpy(Xv)).numpy() * std + mean
+            score, _ = bf._scaled_val(pv, y_va, is_log, std)
+            if score < best:
+                best, best_state, bad = score, {k: v.clone() for k, v in net.state_dict().items()}, 0
+            else:
+                bad += 1
+            epoch += 1
+        net.load_state_dict(best_state)
+        with torch.no_grad():
+            pred = net(torch.from_numpy(Xt)).numpy() * std + mean
+        info["epochs"] = epoch
+    info["fit_s"] = round(time.time() - t0, 1)
+    metrics = bf._test_metrics(pred, y_te, is_log, targets)
+    info["per_target"] = {t: {"mae": m["mae"], "r2": m["r2"], "count": m["count"]} for t, m in metrics.items()}
+    return info
+
+
+def _job(args: tuple) -> tuple[tuple, dict[str, Any]]:
+    dataset, shards, model, pool, seed, minutes, work = args
+    try:
+        if model in BASELINES:
+            cache = Path(work) / "baselines" / f"{dataset}_{pool}_{model}_s{seed}.json"
+            if cache.exists():
+                out = json.loads(cache.read_text())
+            else:
+                log(f"start {cache.stem}")
+                out = composition_baseline(dataset, Path(shards), model, pool, seed, minutes)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(out, indent=1))
+        else:
+            out = molmat_run(dataset, Path(shards), model, pool, seed, minutes, Path(work))
+    except Exception as exc:  # one failed model must not lose the others' results
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    return (dataset, model, pool, seed), out
+
+
+def write_report(res: dict[str, Any], results: Path) -> None:
+    """crystal_encoders.md: mean and spread over seeds per dataset, pool, model and target."""
+    import numpy as np
+
+    lines = ["# Crystal encoders vs composition baselines (Materials Project)", "",
+             f"`{res['command']}`; started {res['started']}; {res['machine']['nproc']} cores, "
+             f"{res['jobs']} runs side by side (1 torch thread each); budget {res['minutes']} min per model; "
+             f"seeds {res['seeds']}. MAE on the test split (log10 for moduli), mean +- half the range over seeds; "
+             "graphs/s is training throughput (timing.json).", ""]
+    for dataset in res["datasets"]:
+        targets = TARGETS[dataset]
+        for pool in res["pools"]:
+            rows = [r for r in res["runs"] if r["dataset"] == dataset and r["pool"] == pool]
+            if not rows:
+                continue
+            lines += [f"## {dataset}, {pool} training pool", "",
+                      "| model | " + " | ".join(f"{t} MAE ({UNITS[t]})" for t in targets) + " | graphs/s | epochs | seeds |",
+                      "|---" * (len(targets) + 4) + "|"]
+            for model in dict.fromkeys(r["model"] for r in rows):
+                ok = [r["result"] for r in rows if r["model"] == model and "per_target" in r["result"]]
+                if not ok:
+                    errs = [r["result"].get("error") for r in rows if r["model"] == model]
+                    lines.append(f"| {model} | " + " | ".join("failed" for _ in targets) + f" | | | {errs[0]} |")
+                    continue
+                cells = []
+                for t in targets:
+                    v = np.array([o["per_target"][t]["mae"] for o in ok])
+                    cells.append(f"{v.mean():.4f} +- {(v.max() - v.min()) / 2:.4f}")
+                gps = [o.get("graphs_per_s") for o in ok if o.get("graphs_per_s")]
+                eps = [o.get("epochs") for o in ok if o.get("epochs")]
+                lines.append(f"| {model} | " + " | ".join(cells) + f" | {np.mean(gps):.0f} | " if gps else
+                             f"| {model} | " + " | ".join(cells) + " | - | ")
+                lines[-1] += (f"{np.mean(eps):.0f} | " if eps else "- | ") + f"{len(ok)} |"
+            lines.append("")
+    lines += ["## Commands", ""] + [f"- {r['dataset']} {r['pool']} {r['model']} s{r['seed']}: `{r['result']['command']}`"
+                                    for r in res["runs"] if "command" in r["result"]]
+    (results / "crystal_encoders.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or reuse) every model x pool x seed and write the report."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mp", required=True, help="shard directory of the full MP set (molmat preprocess)")
+    p.add_argument("--elastic", help="shard directory of mp_elastic")
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--pools", default="full,8k")
+    p.add_argument("--models", default="mpnn,schnet,painn,both,schnet_plain," + ",".join(BASELINES))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--work", default="/tmp/molmat_crystal_bench")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    datasets = {"mp": args.mp, **({"mp_elastic": args.elastic} if args.elastic else {})}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    pools, models = args.pools.split(","), args.models.split(",")
+    unknown = [m for m in models if m not in MODELS and m not in BASELINES]
+    if unknown:
+        p.error(f"unknown models {unknown}; known: {', '.join(list(MODELS) + list(BASELINES))}")
+    jobs = [(d, s, m, pool, seed, args.minutes, args.work) for d, s in datasets.items() for pool in pools
+            for seed in seeds for m in models if not (d == "mp_elastic" and pool == "8k")]
+    res: dict[str, Any] = {"command": shlex.join([".venv/bin/python", "bench/bench_crystal.py", *(argv or sys.argv[1:])]),
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "minutes": args.minutes, "seeds": seeds,
+                           "pools": pools, "datasets": list(datasets), "jobs": args.jobs,
+                           "machine": {"nproc": os.cpu_count(), "platform": platform.platform()}, "runs": []}
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool_ex:
+        for (dataset, model, pool, seed), out in pool_ex.map(_job, jobs):
+            res["runs"].append({"dataset": dataset, "model": model, "pool": pool, "seed": seed, "result": out})
+            (results / "crystal_encoders.json").write_text(json.dumps(res, indent=1))
+            write_report(res, results)
+            log(f"{dataset} {pool} {model} s{seed}: " + json.dumps({t: v["mae"] for t, v in out.get("per_target", {}).items()}
+                                                                  if "per_target" in out else out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
