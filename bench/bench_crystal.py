@@ -178,7 +178,12 @@ def composition_baseline(dataset: str, shards: Path, kind: str, pool: str, seed:
 
 
 def _job(args: tuple) -> tuple[tuple, dict[str, Any]]:
-    dataset, shards, model, pool, seed, minutes, work = args
+    dataset, shards, model, pool, seed, minutes, work, report_only = args
+    if report_only:
+        done = (Path(work) / "baselines" / f"{dataset}_{pool}_{model}_s{seed}.json" if model in BASELINES else
+                Path(work) / "runs" / f"{dataset}_{pool}_{model}_s{seed}" / "eval_test" / "metrics.json")
+        if not done.exists():
+            return (dataset, model, pool, seed), {"error": "not run"}
     try:
         if model in BASELINES:
             cache = Path(work) / "baselines" / f"{dataset}_{pool}_{model}_s{seed}.json"
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work", default="/tmp/molmat_crystal_bench")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--report-only", action="store_true", help="run nothing: report the finished runs under --work")
     args = p.parse_args(argv)
     datasets = {"mp": args.mp, **({"mp_elastic": args.elastic} if args.elastic else {})}
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS and m not in BASELINES]
     if unknown:
         p.error(f"unknown models {unknown}; known: {', '.join(list(MODELS) + list(BASELINES))}")
-    jobs = [(d, s, m, pool, seed, args.minutes, args.work) for d, s in datasets.items() for pool in pools
+    jobs = [(d, s, m, pool, seed, args.minutes, args.work, args.report_only) for d, s in datasets.items() for pool in pools
             for seed in seeds for m in models if not (d == "mp_elastic" and pool == "8k")]
     res: dict[str, Any] = {"command": shlex.join([".venv/bin/python", "bench/bench_crystal.py", *(argv or sys.argv[1:])]),
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "minutes": args.minutes, "seeds": seeds,
@@ -264,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool_ex:
         for (dataset, model, pool, seed), out in pool_ex.map(_job, jobs):
+            if out.get("error") == "not run":
+                continue
             res["runs"].append({"dataset": dataset, "model": model, "pool": pool, "seed": seed, "result": out})
             (results / "crystal_encoders.json").write_text(json.dumps(res, indent=1))
             write_report(res, results)

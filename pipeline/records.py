@@ -53,6 +53,11 @@ NBR_INDEX = "nbr_index"
 NBR_IMAGE = "nbr_image"
 Y = "y"
 CONFORMERS = "conformers"
+# electron-density grids (pipeline.density_data): the grid of a density record, stored once
+GRID_ORIGIN = "grid_origin"
+GRID_AXES = "grid_axes"
+GRID_SHAPE = "grid_shape"
+GRID_VALUES = "grid_values"
 # metadata: strings in the record header (``_index`` is added by ShardDataset when reading)
 ID = "_id"
 KIND = "_kind"
@@ -61,6 +66,7 @@ SMILES = "_smiles"
 SCAFFOLD = "_scaffold"
 FORMULA = "_formula"
 INDEX = "_index"
+DENSITY = "_density"
 
 # ---------------------------------------------------------------------------------------- kinds
 MOLECULE = "molecule"
@@ -71,7 +77,8 @@ KINDS = (MOLECULE, CRYSTAL)
 #: How an array transforms (see the module docstring).
 TRANSFORMS = ("points", "lattice", "atom_index", "per_atom", "image", "invariant")
 #: Shape symbols: what each letter of a shape counts.
-SHAPE_SYMBOLS = {"N": "atoms", "B": "bonds", "E": "neighbour edges", "T": "targets", "K": "extra conformers"}
+SHAPE_SYMBOLS = {"N": "atoms", "B": "bonds", "E": "neighbour edges", "T": "targets", "K": "extra conformers",
+                 "G": "density grid points"}
 
 
 @dataclass(frozen=True)
@@ -131,12 +138,25 @@ SCHEMA: tuple[ArraySpec, ...] = (
               "labels in the manifest's target order and units, NaN where missing"),
     ArraySpec(CONFORMERS, "float32", "(K, N, 3)", "points", (MOLECULE,), False,
               "extra ETKDG conformers (Angstrom) when `preprocess.molecule.conformers` > 0"),
+    ArraySpec(GRID_ORIGIN, "float64", "(3,)", "points", _BOTH, False,
+              "density records: position of grid point (0, 0, 0) (Angstrom)"),
+    ArraySpec(GRID_AXES, "float64", "(3, 3)", "lattice", _BOTH, False,
+              "density records: voxel step vectors as rows (Angstrom), point (i, j, k) = origin + (i, j, k) @ axes; "
+              "a periodic grid spans the cell, `grid_shape[:, None] * grid_axes == cell` (no supercells: "
+              "`pipeline.testing.supercell` does not rebuild grids)"),
+    ArraySpec(GRID_SHAPE, "int64", "(3,)", "invariant", _BOTH, False,
+              "density records: grid points along each axis (n1, n2, n3)"),
+    ArraySpec(GRID_VALUES, "float32", "(G,)", "invariant", _BOTH, False,
+              "density records: electron density (e/bohr^3) at every grid point, C order of `grid_shape`; "
+              "float32 (7 digits, more than the labels' accuracy)"),
     ArraySpec(ID, "str", "()", "invariant", _BOTH, True, "record id (QM9 index, mp-id, row number, ...)"),
     ArraySpec(KIND, "str", "()", "invariant", _BOTH, True, "`molecule` or `crystal`"),
     ArraySpec(SOURCE, "str", "()", "invariant", _BOTH, True, "input file (`archive::member` for archive members)"),
     ArraySpec(SMILES, "str", "()", "invariant", (MOLECULE,), True, "canonical SMILES without hydrogens"),
     ArraySpec(SCAFFOLD, "str", "()", "invariant", (MOLECULE,), True, "Bemis-Murcko scaffold SMILES ('' if none)"),
     ArraySpec(FORMULA, "str", "()", "invariant", (CRYSTAL,), True, "reduced formula"),
+    ArraySpec(DENSITY, "str", "()", "invariant", _BOTH, False,
+              "density records only: what the grid counts, `total`, `valence` or `unknown` electrons"),
     ArraySpec(INDEX, "int", "()", "invariant", _BOTH, False,
               "global record index, added by `ShardDataset` when reading; never stored"),
 )

@@ -177,6 +177,10 @@ def supercell(record: Record, size: Sequence[int] | np.ndarray, cfg: PreprocessC
     specs = _specs(record)
     if R.CELL not in record:
         raise ValueError(f"record {record.get(R.ID)!r} has no cell; supercells are for crystals")
+    if R.GRID_VALUES in record:
+        # the grid would need its values tiled over the new cell, which this helper does not do
+        raise ValueError(f"record {record.get(R.ID)!r} carries a density grid; supercells of density records "
+                         "are not supported")
     m = np.asarray(size, dtype=np.int64)
     m = np.diag(m) if m.shape == (3,) else m
     if m.shape != (3, 3) or round(abs(np.linalg.det(m))) == 0:

@@ -398,20 +398,10 @@ PATHS = {"mpnn qm9": ("qm9", TINY_2D, None), "schnet mp": ("mp", None, TINY_3D),
 
 
 def _to_float64(batch):
-    """Cast a collated batch's float tensors (graph features, positions, images, cell, y) to float64.
+    """Cast a collated batch's float tensors to float64 (the helper ``molmat curvature`` uses)."""
+    from finetune.curvature import batch_to_dtype
 
-    ``collate`` gives float32 everywhere; a float64 model needs float64 inputs (the MPNN's
-    first Linear refuses float32; SchNet would silently take float32 distances).
-    """
-    for g in (batch.g2d, batch.g3d):
-        if g is None:
-            continue
-        for data in (g.ndata, g.edata):
-            for key in list(data.keys()):  # DGL's .items() gives storage columns, not tensors
-                if data[key].is_floating_point():
-                    data[key] = data[key].double()
-    batch.cell = batch.cell.double()
-    batch.y = batch.y.double()
+    batch_to_dtype(batch, torch.float64)
     return batch
 
 
