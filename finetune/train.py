@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import MolmatError
-from pipeline.checkpoint import (PROPERTY_MODEL, data_identity, load_pretrained_encoders, prepare_run_dir,
-                                 pretrained_model_config, save_model_dir)
-from pipeline.config import Config, write_resolved
+from pipeline.checkpoint import (PROPERTY_MODEL, adopt_pretrained_encoders, data_identity, load_pretrained_encoders,
+                                 prepare_run_dir, pretrained_model_config, save_model_dir)
+from pipeline.config import AUTO, Config, write_resolved
 from pipeline.distributed import gather_objects
 from pipeline.featurize import neighbour_cutoff
 from pipeline.graphs import GraphBatch, collate
@@ -104,7 +104,10 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
                  model_cfg.encoder2d.name if model_cfg.encoder2d else "null",
                  model_cfg.encoder3d.name if model_cfg.encoder3d else "null")
     if init:
-        # A pretrained encoder brings its architecture: the fine-tuning model must match it.
+        # A pretrained encoder brings its architecture: the fine-tuning model must match it. A
+        # slot left on auto takes the pretrained encoder of its view rather than the kind default.
+        auto = [s for s in ("encoder2d", "encoder3d") if getattr(config.model, s) == AUTO]
+        model_cfg = adopt_pretrained_encoders(model_cfg, init, auto)
         model_cfg, slots = pretrained_model_config(model_cfg, init)
         config = config.model_copy(deep=True)
         config.model = model_cfg

@@ -316,6 +316,29 @@ def load_model_dir(path: str | Path, kinds: Iterable[str] | None = None, device:
 
 
 # ---------------------------------------------------------------------- pretrained encoders
+def adopt_pretrained_encoders(model_cfg: ModelConfig, path: str | Path, slots: Iterable[str]) -> ModelConfig:
+    """Put the encoder directory's encoders into the given (filled) slots of a model config.
+
+    For slots that were ``auto``: the per-kind default may be another encoder than the one
+    pretrained for that view (e.g. PaiNN for crystals, SchNet pretrained); fine-tuning from a
+    pretrained directory then uses the pretrained encoder, which is what ``--init`` asks for.
+
+    Args:
+        model_cfg: a resolved model config.
+        path: an encoder directory (``molmat pretrain``).
+        slots: slot names (``encoder2d``, ``encoder3d``) that may be replaced.
+    Returns:
+        The config with those filled slots holding the directory's encoder for that view.
+    """
+    _, config = read_model_config(path, [ENCODER])
+    data = model_cfg.model_dump(mode="json")
+    for slot in slots:
+        theirs = config["model"].get(slot)
+        if data.get(slot) is not None and theirs is not None:
+            data[slot] = theirs
+    return ModelConfig.model_validate(data)
+
+
 def pretrained_model_config(model_cfg: ModelConfig, path: str | Path) -> tuple[ModelConfig, list[str]]:
     """The fine-tuning model config with the architecture of a pretrained encoder directory.
 

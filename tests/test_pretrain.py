@@ -153,3 +153,13 @@ def test_pretraining_on_molecules_and_crystals_together(qm9_shards, mp_shards, t
     assert (mol["_kind"], cryst["_kind"]) == ("molecule", "crystal")
     emb, _ = enc(collate([dict(r, y=np.zeros(0)) for r in (mol, cryst)]))  # labels differ; embedding needs none
     assert emb.shape[0] == 2 and torch.isfinite(emb).all()
+
+    # fine-tuning crystals from it with the model slots on auto: the crystal default's 3D slot
+    # (here PaiNN) gives way to the pretrained 3D encoder (SchNet), whose weights are loaded
+    run = tmp_path / "ft_mp"
+    cfg = load_config(None, SMALL + ["train.epochs=1", "finetune.targets=[band_gap_eV]",
+                                     "model.auto.crystal.encoder3d={name: painn, cutoff: 5.0}"])
+    finetune(mp_shards, run, cfg, init=str(tmp_path / "enc"))
+    model = json.loads((run / "best" / "config.json").read_text())["model"]
+    # (SMALL sets model.encoder2d, so that slot is not auto: it holds the pretrained MPNN)
+    assert model["encoder2d"] == meta["model"]["encoder2d"] and model["encoder3d"] == meta["model"]["encoder3d"]
