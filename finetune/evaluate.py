@@ -66,6 +66,9 @@ def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | 
              batch_size: int = 128, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Evaluate a model on a split of a shard directory (``all`` = every record).
 
+    A density model (``molmat-density-model``) goes to :func:`finetune.density.evaluate_density`
+    (full-grid NMAE, electron counts, density slices; its metrics carry ``kind: density``).
+
     Writes into ``out`` (default ``RUN/eval_<split>``): ``metrics.json`` (per target: MAE, RMSE,
     R^2, count in the target's unit; log10 targets also in log10), the same as a table in
     ``metrics.csv`` (:data:`METRICS_COLUMNS`), ``predictions.csv`` (record index, structure
@@ -73,6 +76,13 @@ def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | 
     its unit, see :func:`pipeline.readers.unit_column`) and ``parity_<target>.png``. Returns
     the metrics dict.
     """
+    from pipeline.checkpoint import DENSITY_MODEL, read_model_config
+
+    if read_model_config(run)[1].get("format") == DENSITY_MODEL:
+        # a density model is scored on full grids (finetune.density); its metrics say kind: density
+        from finetune.density import evaluate_density
+
+        return evaluate_density(run, data, split, out, device)
     scored = open_model_on_split(run, data, split, device)
     model = scored.model
     res = predict_loader(model, scored.loader(batch_size), scored.device)

@@ -88,6 +88,11 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     out = Path(out)
     fcfg, tcfg = config.finetune, config.train
     manifest = load_manifest(data)
+    if manifest.get("density"):
+        # density shards train the probe model of `density:` (finetune.density), not property heads
+        from finetune.density import finetune_density
+
+        return finetune_density(data, out, config, init, rank, world_size, device, callbacks, restart)
     split = load_split(data)
     if not split["val"]:
         # Early stopping and the choice of the best model need held-out data; monitoring the

@@ -45,6 +45,7 @@ WEIGHTS = "model.safetensors"
 LAYOUT = 2
 PROPERTY_MODEL = "molmat-property-model"
 ENCODER = "molmat-encoder"
+DENSITY_MODEL = "molmat-density-model"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -79,6 +80,17 @@ def _build_encoder_pair(config: dict[str, Any]) -> nn.Module:
     return ContrastiveModel.from_config(config)
 
 
+def _build_density_model(config: dict[str, Any]) -> nn.Module:
+    from pipeline.models.density import DensityModel
+
+    return DensityModel.from_config(config)
+
+
+def _no_upgrade(config: dict[str, Any]) -> list[str]:
+    # density model directories exist only in the current layout
+    return []
+
+
 @dataclass(frozen=True)
 class DirKind:
     """What a model directory of one ``format`` holds and how to rebuild it.
@@ -100,6 +112,7 @@ class DirKind:
 KINDS: dict[str, DirKind] = {
     PROPERTY_MODEL: DirKind("property model", _build_property_model, _upgrade_property_model, "model.pt"),
     ENCODER: DirKind("pretrained encoder", _build_encoder_pair, _upgrade_encoder, "encoder.pt"),
+    DENSITY_MODEL: DirKind("density model", _build_density_model, _no_upgrade, "density.pt"),
 }
 
 

@@ -68,6 +68,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     print(f"wrote {summary.records} records in {summary.shards} shard(s) to {summary.out} "
           f"({summary.rejected} rejected, {summary.seconds:.1f} s)")
     print("targets: " + ", ".join(f"{t['name']} [{t['unit']}]" for t in summary.targets))
+    density = json.loads((Path(summary.out) / "manifest.json").read_text()).get("density")
+    if density:
+        print(f"density grids: {density['records']} ({density['content']} electrons); train with molmat finetune")
     if summary.rejected:
         for line in summarize_rejects(summary.out):
             print(f"  rejected: {line}")
@@ -187,6 +190,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
     metrics = evaluate(args.run, args.data, args.split, out, device=device)
     write_resolved(cfg, out)
+    if metrics.get("kind") == "density":
+        from finetune.density import density_table
+
+        print(f"{args.split} split of {args.data}, {metrics['records']} structures, full grids:")
+        print(density_table(metrics))
+        print(f"metrics.json, metrics.csv and density slices (slice_<id>.png) in {out}")
+        return 0
     print(f"{args.split} split of {args.data}, {metrics['records']} records, in physical units:")
     print(metrics_table(metrics))
     print(f"metrics.json, metrics.csv, predictions.csv and parity plots in {out}")
@@ -551,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output shard directory")
     p.add_argument("--labels", help="labels CSV (CIF or POSCAR file/directory/archive, SDF)")
     p.add_argument("--format", help="input format (qm9_xyz, sdf, smiles_csv, cif, pymatgen_json, poscar, extxyz, "
-                   "ase_db); default: detect from file names")
+                   "ase_db, density: cube files, CHGCARs, grid folders); default: detect from file names")
     p.add_argument("--targets", help="comma-separated label names to keep")
     p.add_argument("--workers", type=_count, help="worker processes (default from config; 0 = in this process)")
     p.add_argument("--part", type=_count, default=0, help="process part I of --parts N (Slurm array index)")

@@ -453,6 +453,44 @@ class CurvatureConfig(_Section):
     seed: int = Field(0, description="seeds the structure pick and every random vector (the same for each target)")
 
 
+class DensityConfig(_Section):
+    """The electron-density model (DeepDFT-style probes), trained by ``molmat finetune`` on density shards."""
+
+    encoder: EncoderConfig = Field(default_factory=lambda: PaiNNConfig(hidden=128),
+                                   description="3D encoder giving the atom states (painn or schnet)")
+    init: str | None = Field(None, description="pretrained encoder directory (molmat pretrain) whose 3D encoder "
+                             "initialises density.encoder (it brings its architecture)")
+    probe_layers: int = Field(3, ge=1, description="interaction layers in which probes receive messages from atoms")
+    probe_n_rbf: int = Field(20, ge=2, description="Gaussians in the probe-atom distance expansion")
+    cutoff: float = Field(4.0, gt=0, description="probe-atom cutoff (Angstrom) of the learned messages")
+    baseline: Literal["none", "promolecule"] = Field(
+        "promolecule", description="promolecule: predict the free-atom superposition plus a learned correction "
+        "(total densities only); none: the network predicts the density itself (softplus)")
+    promolecule_table: str | None = Field(None, description="free-atom table (.npz of python -m pipeline.promolecule); "
+                                          "null = the shipped PBE/def2-SVP table of H, C, N, O, F")
+    probes_uniform: int = Field(500, ge=0, description="training probes per structure drawn uniformly from its grid")
+    probes_near_atoms: int = Field(500, ge=0, description="training probes per structure near atoms (Gaussian "
+                                   "offsets of near_sigma, snapped to the grid)")
+    near_sigma: float = Field(0.5, ge=0, description="offset standard deviation of near-atom probes (Angstrom)")
+    val_probes: int = Field(2000, ge=1, description="uniform probes per validation structure, the same every epoch "
+                            "(molmat evaluate uses the full grid)")
+    batch_size: int = Field(8, ge=1, description="structures per step and process; replaces train.batch_size "
+                            "for density runs")
+    probe_chunk: int = Field(8192, ge=1, description="probes evaluated at once (bounds memory of full-grid "
+                             "evaluation; a training batch's probes are kept for the backward pass)")
+    loss: Literal["l1", "mse"] = Field("l1", description="training loss on probe densities (e/bohr^3)")
+    eval_slices: int = Field(2, ge=0, description="structures molmat evaluate draws a density slice of")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "DensityConfig":
+        if self.encoder.view != "3d":
+            raise ValueError(f"density.encoder must read the 3D graph; '{self.encoder.name}' reads the "
+                             f"{self.encoder.view} graph (use painn or schnet)")
+        if self.probes_uniform + self.probes_near_atoms < 1:
+            raise ValueError("density.probes_uniform + density.probes_near_atoms must be at least 1")
+        return self
+
+
 class Config(_Section):
     """The whole configuration; one section per stage."""
 
@@ -465,6 +503,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     density_labels: DensityLabelsConfig = Field(default_factory=DensityLabelsConfig)
     curvature: CurvatureConfig = Field(default_factory=CurvatureConfig)
+    density: DensityConfig = Field(default_factory=DensityConfig)
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"

@@ -15,6 +15,8 @@ never sees half an image.
   points and a hexagonal density map above (a scatter of thousands of points is one blot).
 * :func:`spectral_density_plot` and :func:`curvature_comparison_plot`: Hessian spectral densities
   of ``molmat curvature`` (one task, and all tasks on one axis), on a symmetric-log eigenvalue axis.
+* :func:`density_slice_plot`: true, predicted and error electron density on a plane through a
+  structure (``molmat evaluate`` of a density model).
 """
 from __future__ import annotations
 
@@ -360,3 +362,56 @@ def curvature_comparison_plot(spectra: dict[str, tuple[Any, Any, Any, float]], p
     fig.tight_layout()
     _save_atomic(fig, Path(path))
     return order
+
+
+# --------------------------------------------------------------------------- density slices
+#: Lowest density (e/bohr^3) on the log colour scale of density slices; the vacuum below is one colour.
+SLICE_FLOOR = 1e-4
+
+
+def density_slice_plot(true: np.ndarray, pred: np.ndarray, extent: tuple[float, float, float, float],
+                       path: str | Path, atoms: np.ndarray | None = None, labels: list[str] | None = None,
+                       title: str = "") -> Path:
+    """True, predicted and error density on a plane, three panels side by side, as PNG.
+
+    Args:
+        true, pred: (H, W) density (e/bohr^3) on the plane, row 0 at the bottom; NaN where the true
+            density is unknown (outside the grid): drawn blank.
+        extent: (u_min, u_max, v_min, v_max) of the plane coordinates, Angstrom.
+        path: PNG to write (replaced atomically).
+        atoms: (A, 2) in-plane coordinates (Angstrom) of the atoms to mark; labels: their symbols.
+        title: a line above the panels (structure, NMAE).
+    Returns:
+        The path written. True and predicted share a log colour scale from :data:`SLICE_FLOOR` to
+        the larger maximum; the error (predicted - true) a symmetric log scale (linear within
+        :data:`SLICE_FLOOR` of zero) to its largest magnitude, so errors in bonds (1e-3..1e-2) and at
+        nuclei (up to 1e1) both show.
+    """
+    from matplotlib.colors import LogNorm, SymLogNorm
+
+    true, pred = np.asarray(true, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    err = pred - true
+    top = max(float(np.nanmax(true)) if np.isfinite(true).any() else 1.0, float(np.nanmax(pred)), SLICE_FLOOR * 10)
+    norm = LogNorm(vmin=SLICE_FLOOR, vmax=top)
+    lim = float(np.nanmax(np.abs(err))) if np.isfinite(err).any() else 1.0
+    fig, _ = _figure(13.5, 4.3)
+    axes = fig.subplots(1, 3)
+    panels = [("true", np.clip(true, SLICE_FLOOR, None), {"norm": norm, "cmap": "viridis"}),
+              ("predicted", np.clip(pred, SLICE_FLOOR, None), {"norm": norm, "cmap": "viridis"}),
+              ("predicted - true", err, {"norm": SymLogNorm(linthresh=SLICE_FLOOR, vmin=-max(lim, 10 * SLICE_FLOOR),
+                                                            vmax=max(lim, 10 * SLICE_FLOOR)), "cmap": "RdBu_r"})]
+    for ax, (name, data, style) in zip(axes, panels):
+        im = ax.imshow(np.ma.masked_invalid(data), origin="lower", extent=extent, interpolation="nearest", **style)
+        fig.colorbar(im, ax=ax, shrink=0.85, label="e/bohr$^3$")
+        if atoms is not None and len(atoms):
+            ax.scatter(atoms[:, 0], atoms[:, 1], s=14, facecolors="none", edgecolors="k", linewidths=0.8)
+            for (x, y), label in zip(atoms, labels or []):
+                ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("u [A]")
+        ax.set_ylabel("v [A]")
+        ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save_atomic(fig, Path(path))

@@ -45,7 +45,7 @@ from pipeline import FORMAT_VERSION, MolmatError, __version__
 from pipeline import records as R
 from pipeline.config import Config, PreprocessConfig, write_resolved
 from pipeline.featurize import RecordError, featurization_spec, featurize
-from pipeline.readers import RawRecord, SourceReader, format_kind, open_input
+from pipeline.readers import DENSITY_PAYLOAD, RawRecord, SourceReader, format_kind, open_input
 from pipeline.shards import (MANIFEST, REJECTS, STATS, RunningStats, ShardWriter, check_shard_size, close_shards,
                              dataset_facts, dataset_has_coordinates, encode_record, read_shard_meta, sha256_of,
                              shard_facts, shard_name, write_json_atomic)
@@ -100,6 +100,35 @@ def _init_worker(targets: list[str], cfg_json: str, in_pool: bool = False) -> No
     _WORKER["cfg"] = PreprocessConfig.model_validate_json(cfg_json)
 
 
+def _density_arrays(raw: RawRecord, cfg: PreprocessConfig) -> dict[str, Any]:
+    """A density file (``raw.data`` is its path) read and made a density record.
+
+    Raises:
+        RecordError: the file cannot be read or is not a density (the reader's message names the
+            file and why), or its atoms cannot be featurised.
+    """
+    from pipeline.density_data import density_record, read_density
+
+    try:
+        grid = read_density(raw.data)
+    except MolmatError as exc:
+        raise RecordError(str(exc)) from None
+    return density_record(grid, raw.rid, raw.source, cfg)
+
+
+def _density_facts(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"density": {"content", "records", "contents"}}`` for the manifest when shards hold density
+    records (``content``: ``total``, ``valence``, ``unknown``, or ``mixed``), else ``{}``."""
+    counts: collections.Counter = collections.Counter()
+    for m in metas:
+        counts.update(m.get("density") or {})
+    if not counts:
+        return {}
+    content = next(iter(counts)) if len(counts) == 1 else "mixed"
+    return {"density": {"content": content, "records": int(sum(counts.values())),
+                        "contents": {k: int(v) for k, v in sorted(counts.items())}}}
+
+
 def _process_chunk(chunk: list[tuple[int, RawRecord]]) -> list[tuple[int, Any]]:
     """Featurise and encode a chunk; each item becomes (index, result dict) or (index, reject dict).
 
@@ -110,8 +139,8 @@ def _process_chunk(chunk: list[tuple[int, RawRecord]]) -> list[tuple[int, Any]]:
     targets, cfg = _WORKER["targets"], _WORKER["cfg"]
     for index, raw in chunk:
         try:
-            arrays = featurize(raw, targets, cfg)
-            result = {"record": encode_record(arrays), "y": arrays[R.Y], "z": arrays[R.Z],
+            arrays = _density_arrays(raw, cfg) if raw.fmt == DENSITY_PAYLOAD else featurize(raw, targets, cfg)
+            result = {"record": encode_record(arrays), "y": arrays[R.Y], "z": arrays[R.Z], "density": arrays.get(R.DENSITY),
                       "bonds": int(arrays[R.BOND_INDEX].shape[1]) if R.BOND_INDEX in arrays else 0,
                       "neighbors": int(arrays[R.NBR_INDEX].shape[1]) if R.NBR_INDEX in arrays else 0,
                       "scaffold": arrays.get(R.SCAFFOLD) or arrays.get(R.FORMULA) or raw.rid,
@@ -481,12 +510,13 @@ def _preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | 
     rejects: list[dict[str, Any]] = []
     scaffolds: list[str] = []
     kinds: collections.Counter = collections.Counter()
+    densities: collections.Counter = collections.Counter()   # density records per content
     with_coordinates = 0
 
     def finish_shard() -> None:
         meta = {"format_version": FORMAT_VERSION, "dataset": dataset_id, "shard": current, "count": writer.count,
                 "input_range": [current * size, current * size + writer.count + len(rejects)],
-                **shard_facts(kinds, with_coordinates),
+                **shard_facts(kinds, with_coordinates), **({"density": dict(densities)} if densities else {}),
                 "stats": stats.to_json(), "rejects": rejects, "scaffolds": scaffolds}
         writer.close(meta)
 
@@ -502,6 +532,7 @@ def _preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | 
                 writer = ShardWriter(out / shard_name(shard))
                 current, stats, rejects, scaffolds = shard, RunningStats(len(target_names)), [], []
                 kinds, with_coordinates = collections.Counter(), 0
+                densities = collections.Counter()
             n_rej = 0
             for index, res in results:
                 if "reject" in res:
@@ -513,6 +544,8 @@ def _preprocess(sources: list[str], out: str | Path, config: Config, fmt: str | 
                 stats.add(res["y"], res["z"], res["bonds"], res["neighbors"])
                 scaffolds.append(res["scaffold"])
                 kinds[res["kind"]] += 1
+                if res.get("density"):
+                    densities[res["density"]] += 1
                 with_coordinates += bool(res["coordinates"])
             progress.update(len(results), n_rej)
         if writer is not None:
@@ -629,7 +662,7 @@ def _finalise(out: Path, config: Config, fingerprint: dict[str, Any], targets: l
         "dataset_id": dataset_id, "inputs": fingerprint["inputs"], "preprocess": fingerprint["preprocess"],
         "featurization": fingerprint["featurization"], "targets": targets,
         "records": sum(e["count"] for e in shard_entries), "rejected": n_rejected, "inputs_seen": n_seen,
-        **_manifest_facts(metas, fingerprint["inputs"], fingerprint["preprocess"]),
+        **_manifest_facts(metas, fingerprint["inputs"], fingerprint["preprocess"]), **_density_facts(metas),
         "shard_size": config.preprocess.shard_size, "part": part, "parts": parts, "shards": shard_entries,
     }
     if parts == 1:
@@ -697,7 +730,7 @@ def _merge(part_dirs: list[str | Path], out: Path, config: Config) -> Preprocess
     write_split(out, config.split, scaffolds=[s for m in metas for s in m["scaffolds"]])
     manifest = dict(ref, part=0, parts=1, shards=entries, records=sum(e["count"] for e in entries),
                     rejected=sum(e["rejected"] for e in entries), merged_from=[str(d) for d, _ in manifests],
-                    **_manifest_facts(metas, ref["inputs"], ref["preprocess"]))
+                    **_manifest_facts(metas, ref["inputs"], ref["preprocess"]), **_density_facts(metas))
     write_resolved(config, out)
     write_json_atomic(out / MANIFEST, manifest)
     return PreprocessSummary(out, manifest["records"], manifest["rejected"], len(entries), ref["targets"], time.time() - t0)

@@ -828,6 +828,67 @@ def read_ase_db(path: Path, labels: Path | None = None) -> SourceReader:
     return SourceReader(path, "ase_db", targets, records, [path])
 
 
+# --------------------------------------------------------------------------------- densities
+#: :attr:`RawRecord.fmt` of a density file; its ``data`` is the path, read in the worker
+#: (:func:`pipeline.density_data.read_density`) into a density record.
+DENSITY_PAYLOAD = "density_file"
+_DENSITY_PREFIXES = ("CHGCAR", "CHG", "AECCAR", "PARCHG")
+
+
+def is_density_name(name: str) -> bool:
+    """True for a density file name: ``*.cube``, ``*.chgcar`` and VASP's ``CHGCAR*``, ``CHG*``,
+    ``AECCAR*``, ``PARCHG*`` (each also ``.gz``). ``*.vasp`` stays a POSCAR name here; pass
+    ``--format density`` for charge densities named so."""
+    base = name[:-3] if name.lower().endswith(".gz") else name
+    return base.lower().endswith((".cube", ".chgcar")) or base.upper().startswith(_DENSITY_PREFIXES)
+
+
+def _is_grid_dir(path: Path) -> bool:
+    """A uniform-grid density folder: it holds ``rho_<tag>.npy`` or ``rho_<tag>.npy.gz``."""
+    return path.is_dir() and any(re.fullmatch(r"rho_.+\.npy(?:\.gz)?", p.name) for p in path.iterdir())
+
+
+def read_density_files(path: Path, labels: Path | None = None) -> SourceReader:
+    """Electron densities on grids: cube files, VASP charge densities and uniform-grid folders.
+
+    ``path`` is one such file or folder, or a directory searched recursively (sorted) for them;
+    other files there (``*.dm.npz``, ``labels.jsonl``, ...) are ignored. Each becomes one record
+    (``fmt`` :data:`DENSITY_PAYLOAD`), read in the featurisation worker; a file that cannot be
+    read is rejected with its name and why. Record ids: the file name without ``.cube[.gz]``,
+    the folder name for a grid folder or a file named just ``CHGCAR``/``CHG``. The labels are
+    the grids: no targets.
+    """
+    if labels is not None:
+        raise MolmatError(f"{path}: density files carry their labels (the grid); --labels is not used")
+    if path.is_file() or _is_grid_dir(path):
+        items = [path]
+    elif path.is_dir():
+        items = []
+        for p in sorted(path.rglob("*")):
+            if p.is_dir() and _is_grid_dir(p):
+                items.append(p)
+            elif p.is_file() and is_density_name(p.name):
+                items.append(p)
+    else:
+        raise MolmatError(f"{path}: no such file or directory")
+
+    def rid(p: Path) -> str:
+        name = p.name[:-3] if p.name.lower().endswith(".gz") else p.name
+        if name.lower().endswith(".cube"):
+            return name[:-5]
+        if p.is_file() and name.upper() in _DENSITY_PREFIXES:   # VASP layout mp-1/CHGCAR -> mp-1
+            return p.parent.name or name
+        return name
+
+    def records() -> Iterator[RawRecord]:
+        for p in items:
+            kind = CRYSTAL if p.is_file() and not p.name.lower().endswith((".cube", ".cube.gz")) else MOLECULE
+            yield RawRecord(source=str(p), rid=rid(p), kind=kind, fmt=DENSITY_PAYLOAD, data=str(p))
+
+    files = [f for p in items for f in (sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p])]
+    return SourceReader(path, "density", [], records, files)
+
+
 #: :attr:`Format.kind` of a format that holds both kinds; each :class:`RawRecord` says which it is.
 ANY_KIND = "any"
 
@@ -856,6 +917,7 @@ FORMATS: dict[str, Format] = {
     "poscar": Format(read_poscar, CRYSTAL),
     "extxyz": Format(read_extxyz, ANY_KIND),
     "ase_db": Format(read_ase_db, ANY_KIND),
+    "density": Format(read_density_files, ANY_KIND),
 }
 
 
@@ -897,13 +959,19 @@ def detect_format(path: Path) -> str:
     """Pick a format name from a path's name (and, for directories/archives, their contents)."""
     name = path.name.lower()
     if path.is_dir():
+        # before .xyz: a uniform-grid density folder holds its atoms as centered.xyz
+        if next(path.rglob("rho_*.npy*"), None) is not None:
+            return "density"
         if next(path.rglob("*.xyz"), None) is not None:
             return "qm9_xyz"
         if next(path.rglob("*.cif"), None) is not None:
             return "cif"
         if any(p.is_file() and is_poscar_name(p.name) for p in path.rglob("*")):
             return "poscar"
-        raise MolmatError(f"{path}: directory holds no .xyz, .cif or POSCAR files; pass --format")
+        if any(p.is_file() and is_density_name(p.name) for p in path.rglob("*")):
+            return "density"
+        raise MolmatError(f"{path}: directory holds no .xyz, .cif, POSCAR or density (.cube, CHGCAR) files; pass "
+                          "--format")
     if not path.exists():
         raise MolmatError(f"{path}: no such file or directory")
     if _is_archive(path):
@@ -922,6 +990,8 @@ def detect_format(path: Path) -> str:
                         (".json.gz", "pymatgen_json"), (".jsonl", "pymatgen_json"), (".jsonl.gz", "pymatgen_json")):
         if name.endswith(ending):
             return fmt
+    if is_density_name(path.name):
+        return "density"
     if is_poscar_name(path.name):
         return "poscar"
     raise MolmatError(f"{path}: cannot tell the format from the file name; pass --format ({', '.join(FORMATS)})")
