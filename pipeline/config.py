@@ -271,7 +271,7 @@ class AutoSlotsConfig(_Section):
 
     molecule: SlotDefaults = Field(default_factory=lambda: SlotDefaults(encoder2d=MPNNConfig()),
                                    description="molecules, and datasets that mix molecules and crystals")
-    crystal: SlotDefaults = Field(default_factory=lambda: SlotDefaults(encoder3d=SchNetConfig(cutoff=8.0)),
+    crystal: SlotDefaults = Field(default_factory=lambda: SlotDefaults(encoder3d=PaiNNConfig(cutoff=8.0)),
                                   description="datasets of crystals only")
 
 
