@@ -255,11 +255,14 @@ def choose_method(loss: SetLoss, params: Sequence[Tensor], requested: str, seed:
     """
     report = C.check_hvp(loss.closures[0], params, n_vectors=1, seed=seed)
     tol = HVP_TOLERANCE.get(params[0].dtype, 1e-2)
-    check = {"rel_error": report["max_rel_error"], "fd_self_error": report["fd_self_errors"][0],
-             "hv_norm": report["hv_norms"][0], "tolerance": tol, "error": report["error"]}
+    check = {"rel_error": report["max_rel_error"], "rel_error_extrapolated": report["max_rel_error_extrapolated"],
+             "fd_self_error": report["fd_self_errors"][0], "hv_norm": report["hv_norms"][0], "tolerance": tol,
+             "error": report["error"]}
     if requested in ("autograd", "fd"):
         return requested, check
-    ok = report["error"] is None and report["max_rel_error"] < tol
+    # against the extrapolated differences too: plain central differences can be the inaccurate
+    # side (a trained PaiNN: 1.5e-4 from double backprop at the default step, 1e-8 extrapolated)
+    ok = report["error"] is None and min(report["max_rel_error"], report["max_rel_error_extrapolated"]) < tol
     return ("autograd" if ok else "fd"), check
 
 
