@@ -231,9 +231,9 @@ def write_report(res: dict[str, Any], results: Path) -> None:
                     cells.append(f"{v.mean():.4f} +- {(v.max() - v.min()) / 2:.4f}")
                 gps = [o.get("graphs_per_s") for o in ok if o.get("graphs_per_s")]
                 eps = [o.get("epochs") for o in ok if o.get("epochs")]
-                lines.append(f"| {model} | " + " | ".join(cells) + f" | {np.mean(gps):.0f} | " if gps else
-                             f"| {model} | " + " | ".join(cells) + " | - | ")
-                lines[-1] += (f"{np.mean(eps):.0f} | " if eps else "- | ") + f"{len(ok)} |"
+                speed = f"{np.mean(gps):.0f}" if gps else "-"
+                epochs = f"{np.mean(eps):.0f}" if eps else "-"
+                lines.append(f"| {model} | " + " | ".join(cells) + f" | {speed} | {epochs} | {len(ok)} |")
             lines.append("")
     lines += ["## Commands", ""] + [f"- {r['dataset']} {r['pool']} {r['model']} s{r['seed']}: `{r['result']['command']}`"
                                     for r in res["runs"] if "command" in r["result"]]

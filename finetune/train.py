@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline import MolmatError
-from pipeline.checkpoint import (PROPERTY_MODEL, adopt_pretrained_encoders, data_identity, load_pretrained_encoders,
+from pipeline.checkpoint import (PROPERTY_MODEL, data_identity, load_pretrained_encoders,
                                  prepare_run_dir, pretrained_model_config, save_model_dir)
 from pipeline.config import AUTO, Config, write_resolved
 from pipeline.distributed import gather_objects
@@ -112,8 +112,7 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         # A pretrained encoder brings its architecture: the fine-tuning model must match it. A
         # slot left on auto takes the pretrained encoder of its view rather than the kind default.
         auto = [s for s in ("encoder2d", "encoder3d") if getattr(config.model, s) == AUTO]
-        model_cfg = adopt_pretrained_encoders(model_cfg, init, auto)
-        model_cfg, slots = pretrained_model_config(model_cfg, init)
+        model_cfg, slots = pretrained_model_config(model_cfg, init, replace=auto)
         config = config.model_copy(deep=True)
         config.model = model_cfg
         if rank == 0:

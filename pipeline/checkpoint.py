@@ -329,34 +329,15 @@ def load_model_dir(path: str | Path, kinds: Iterable[str] | None = None, device:
 
 
 # ---------------------------------------------------------------------- pretrained encoders
-def adopt_pretrained_encoders(model_cfg: ModelConfig, path: str | Path, slots: Iterable[str]) -> ModelConfig:
-    """Put the encoder directory's encoders into the given (filled) slots of a model config.
-
-    For slots that were ``auto``: the per-kind default may be another encoder than the one
-    pretrained for that view (e.g. PaiNN for crystals, SchNet pretrained); fine-tuning from a
-    pretrained directory then uses the pretrained encoder, which is what ``--init`` asks for.
-
-    Args:
-        model_cfg: a resolved model config.
-        path: an encoder directory (``molmat pretrain``).
-        slots: slot names (``encoder2d``, ``encoder3d``) that may be replaced.
-    Returns:
-        The config with those filled slots holding the directory's encoder for that view.
-    """
-    _, config = read_model_config(path, [ENCODER])
-    data = model_cfg.model_dump(mode="json")
-    for slot in slots:
-        theirs = config["model"].get(slot)
-        if data.get(slot) is not None and theirs is not None:
-            data[slot] = theirs
-    return ModelConfig.model_validate(data)
-
-
-def pretrained_model_config(model_cfg: ModelConfig, path: str | Path) -> tuple[ModelConfig, list[str]]:
+def pretrained_model_config(model_cfg: ModelConfig, path: str | Path,
+                            replace: Iterable[str] = ()) -> tuple[ModelConfig, list[str]]:
     """The fine-tuning model config with the architecture of a pretrained encoder directory.
 
     A pretrained encoder brings its architecture: each filled slot whose encoder is the one the
-    directory holds for that view takes the directory's settings.
+    directory holds for that view takes the directory's settings. Filled slots named in
+    ``replace`` take the directory's encoder whatever it is: slots that were ``auto``, whose
+    per-kind default (e.g. PaiNN for crystals) may differ from the encoder pretrained for that
+    view (SchNet), since ``--init`` asks for the pretrained one.
 
     Returns:
         (the new model config, the slots that will be initialised from the directory).
@@ -369,7 +350,7 @@ def pretrained_model_config(model_cfg: ModelConfig, path: str | Path) -> tuple[M
     for slot in ("encoder2d", "encoder3d"):
         theirs = config["model"].get(slot)
         ours = data.get(slot)
-        if ours is not None and theirs is not None and ours["name"] == theirs["name"]:
+        if ours is not None and theirs is not None and (ours["name"] == theirs["name"] or slot in replace):
             data[slot] = theirs
             slots.append(slot)
     if not slots:

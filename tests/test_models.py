@@ -286,14 +286,20 @@ def test_3d_encoder_crystal_cell_choice(encoder: str, mp_structures: list) -> No
             _close(factor * ref_sum, net_sum(collate([variant(r) for r in records]))[0])
 
 
-def test_schnet_ignores_edges_beyond_its_cutoff(qm9_records: list) -> None:
-    records = qm9_records[10:16]
-    trimmed = []
+def _trimmed(records: list[dict[str, Any]], cutoff: float) -> list[dict[str, Any]]:
+    """The records with their stored neighbour lists cut to ``cutoff`` (each loses some edges)."""
+    out = []
     for r in records:
         src, dst = r["nbr_index"]
-        keep = np.linalg.norm(r["pos"][src] - r["pos"][dst], axis=1) < 3.0
+        keep = np.linalg.norm(r["pos"][src] - r["pos"][dst], axis=1) < cutoff
         assert not keep.all()
-        trimmed.append(dict(r, nbr_index=r["nbr_index"][:, keep], nbr_image=r["nbr_image"][keep]))
+        out.append(dict(r, nbr_index=r["nbr_index"][:, keep], nbr_image=r["nbr_image"][keep]))
+    return out
+
+
+def test_schnet_ignores_edges_beyond_its_cutoff(qm9_records: list) -> None:
+    records = qm9_records[10:16]
+    trimmed = _trimmed(records, 3.0)
     net = _schnet(cutoff=3.0)
     with torch.no_grad():
         _close(net(collate(records))[0], net(collate(trimmed))[0], 1e-5)
@@ -505,11 +511,7 @@ def test_painn_sees_angles_that_distances_alone_miss(qm9_records: list) -> None:
 
 def test_painn_cutoff_and_continuity(qm9_records: list) -> None:
     records = qm9_records[10:16]
-    trimmed = []
-    for r in records:
-        src, dst = r["nbr_index"]
-        keep = np.linalg.norm(r["pos"][src] - r["pos"][dst], axis=1) < 3.0
-        trimmed.append(dict(r, nbr_index=r["nbr_index"][:, keep], nbr_image=r["nbr_image"][keep]))
+    trimmed = _trimmed(records, 3.0)
     net = _painn(cutoff=3.0)
     with torch.no_grad():
         _close(net(collate(records))[0], net(collate(trimmed))[0], 1e-5)

@@ -183,6 +183,4 @@ class PaiNN(nn.Module):
         """Graph embeddings (B, hidden) and atom scalar states (N, hidden); see :meth:`atom_states`."""
         s, _ = self.atom_states(batch, pos)
         g = batch.g3d
-        with g.local_scope():
-            g.ndata["h"] = s
-            return dgl.readout_nodes(g, "h", op=self.cfg.readout), s
+        return dgl.ops.segment_reduce(g.batch_num_nodes(), s, self.cfg.readout), s

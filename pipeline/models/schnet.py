@@ -271,6 +271,4 @@ class SchNet(nn.Module):
         h = self.embedding(g.ndata["z"])
         for block in self.interactions:
             h = block(edges, h, F.softplus(block.filter[0](rbf)), envelope)
-        with g.local_scope():
-            g.ndata["h"] = h
-            return dgl.readout_nodes(g, "h", op=self.cfg.readout), h
+        return dgl.ops.segment_reduce(g.batch_num_nodes(), h, self.cfg.readout), h
