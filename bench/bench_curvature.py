@@ -249,14 +249,22 @@ def _f(v: Any, spec: str = ".4g") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
+def _budget(res: dict[str, Any]) -> str:
+    epochs = res.get("epochs") or {}
+    fixed = ", ".join(f"{d} {n} epochs" for d, n in epochs.items())
+    timed = [d for d in res["datasets"] if d not in epochs]
+    return "; ".join(([fixed + f" (cap {res['minutes']} min)"] if fixed else [])
+                     + ([f"{', '.join(timed)} {res['minutes']} min"] if timed else []))
+
+
 def write_report(res: dict[str, Any], results: Path) -> None:
     """curvature.md from the collected runs (rewritten after every finished job)."""
     lines = ["# Per-task loss curvature and the multi-task gap (issue 13)", "",
              f"`{res['command']}`; started {res['started']}; {res['machine']['nproc']} cores, {res['jobs']} runs side "
-             f"by side (1 torch thread each); budget {res['minutes']} min per model; seeds {res['seeds']}. Test MAE "
+             f"by side (1 torch thread each); budget {_budget(res)} per model; seeds {res['seeds']}. Test MAE "
              "(log10 for moduli), mean over seeds. Gap = MAE(multi-task) / MAE(single-task) - 1 (positive: the "
              "shared model is worse). Curvature of the multi-task model (`best/`) on "
-             f"{res['curvature_records']} val structures, all parameters, float64, mean over seeds: top Hessian "
+             f"{res['curvature_records']} val structures, all parameters, mean over seeds: top Hessian "
              "eigenvalue and Hutchinson trace of each target's training loss (normalised units).", ""]
     pooled_top, pooled_trace, pooled_gap = [], [], []
     res["analysis"] = {}
@@ -334,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--elastic", help="mp_elastic shards (K_VRH_GPa, G_VRH_GPa)")
     p.add_argument("--qm8", help="QM8 shards (CC2 targets)")
     p.add_argument("--minutes", type=float, default=15.0, help="training budget per model")
+    p.add_argument("--epochs", default="", help="equal-data budget instead of equal time: DATASET=EPOCHS,... "
+                   "(e.g. mp=3,elastic=40,qm8=20); a dataset named here trains that many epochs (--minutes is "
+                   "then only a cap), so runs side by side with other work see the same data")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side, one torch thread each")
     p.add_argument("--curvature-records", type=int, default=1000, help="val structures the curvature is measured on")
@@ -363,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
                  "train.threads=1", *args.curvature_set]
     common = [f"train.max_minutes={args.minutes}", "train.epochs=1000", "train.threads=1", *args.sets]
     jobs: list[dict[str, Any]] = []
+    epochs = {k: int(v) for k, v in (item.split("=") for item in args.epochs.split(",") if item)}
     for d, shards in given.items():
         for seed in seeds:
-            base = [*common, f"train.seed={seed}"]
+            base = [*common, f"train.seed={seed}"] + ([f"train.epochs={epochs[d]}", "train.patience=null"]
+                                                     if d in epochs else [])
             for t in targets[d]:
                 jobs.append({"key": f"{d}|single:{t}|s{seed}", "run": str(work / "runs" / f"{d}_single_{t}_s{seed}"),
                              "shards": str(shards), "sets": base + [f"finetune.targets=[{t}]"], "evaluate": True})
@@ -394,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                              "shards": str(given[sd]), "sets": sweep_base + [f"train.batch_size={b}", f"train.lr={lr}"]})
     res: dict[str, Any] = {"command": shlex.join([".venv/bin/python", "bench/bench_curvature.py", *(argv or sys.argv[1:])]),
                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "minutes": args.minutes, "seeds": seeds,
+                           "epochs": epochs,
                            "jobs": args.jobs, "curvature_records": args.curvature_records,
                            "datasets": {d: {"shards": str(s), "targets": targets[d]} for d, s in given.items()},
                            "sweep": sweep, "machine": {"nproc": os.cpu_count(), "platform": platform.platform()},

@@ -118,8 +118,15 @@ KINDS: dict[str, DirKind] = {
 
 # ------------------------------------------------------------------------------ directories
 def resolve_model_dir(path: str | Path) -> Path:
-    """A run directory's ``best/`` when it has one, else the path itself."""
-    p = Path(path)
+    """A run directory's ``best/`` when it has one, else the path itself; a shipped model's name
+    (:mod:`pipeline.shipped`, e.g. ``qm9-density``) gives that model's directory.
+
+    Raises:
+        MolmatError: neither an existing path nor a shipped model's name.
+    """
+    from pipeline.shipped import resolve_model
+
+    p = resolve_model(path)
     return p / "best" if (p / "best" / CONFIG).exists() else p
 
 
@@ -127,7 +134,7 @@ def read_model_config(path: str | Path, kinds: Iterable[str] | None = None) -> t
     """Read (and translate to the current layout) a model directory's ``config.json``.
 
     Args:
-        path: model directory, or a run directory with ``best/``.
+        path: model directory, a run directory with ``best/``, or a shipped model's name.
         kinds: accepted formats (default: any in :data:`KINDS`).
     Returns:
         (the model directory, its config as plain data).
@@ -305,7 +312,8 @@ def load_model_dir(path: str | Path, kinds: Iterable[str] | None = None, device:
     """Rebuild the model of a model directory with its weights, strictly.
 
     Args:
-        path: model directory, or a run directory with ``best/``.
+        path: model directory, a run directory with ``best/``, or a shipped model's name
+            (:mod:`pipeline.shipped`).
         kinds: accepted formats (default: any).
         device: where to put the model.
     Returns:

@@ -185,9 +185,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--out DIR]``."""
     from finetune.evaluate import evaluate, metrics_table
     from pipeline.config import write_resolved
+    from pipeline.shipped import is_shipped_name
 
     cfg, device = _config_and_device(args)
-    out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.split}"
+    # a shipped model has no run directory of its own to write into: eval_<name>_<split> here instead
+    shipped = is_shipped_name(args.run)
+    default = Path(f"eval_{args.run}_{args.split}") if shipped else Path(args.run) / f"eval_{args.split}"
+    out = Path(args.out) if args.out else default
     metrics = evaluate(args.run, args.data, args.split, out, device=device)
     write_resolved(cfg, out)
     if metrics.get("kind") == "density":
@@ -229,10 +233,46 @@ def cmd_curvature(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``molmat predict RUN INPUT... --out FILE.csv``."""
-    from finetune.predict import predict
+    """``molmat predict RUN INPUT... --out FILE.csv`` (property model), or for a density model
+    ``molmat predict RUN [INPUT] --out FILE.cube|DIR/ [--grid-spacing A] [--margin A] [--grid-like REF.cube]``
+    and ``molmat predict RUN INPUT --points FILE.npy|.csv --out FILE.npy|.csv`` (finetune.predict_density)."""
+    from pipeline.checkpoint import CONFIG, DENSITY_MODEL, KINDS, read_model_config, resolve_model_dir
 
     _, device = _config_and_device(args)
+    try:  # only the kind here; the loader reads (and translates, and logs about) the whole config once
+        fmt = json.loads((resolve_model_dir(args.run) / CONFIG).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt not in KINDS:
+        fmt = read_model_config(args.run)[1]["format"]   # raises, saying what the directory lacks
+    if fmt == DENSITY_MODEL:
+        from finetune.predict_density import predict_density
+
+        results = predict_density(args.run, args.inputs, args.out, grid_spacing=args.grid_spacing,
+                                  margin=args.margin, grid_like=args.grid_like, points=args.points,
+                                  fmt=args.format or "auto", device=device, stride=args.grid_stride)
+        for r in results:
+            if r.error:
+                print(f"molmat: skipped: {r.summary()}", file=sys.stderr)
+            else:
+                print(r.summary())
+                if r.warning:
+                    print(f"  warning: {r.warning}")
+        failed = sum(1 for r in results if r.error)
+        if failed:
+            print(f"{len(results) - failed} written, {failed} skipped", file=sys.stderr)
+        return 0
+    given = [flag for flag, value in (("--grid-spacing", args.grid_spacing), ("--margin", args.margin),
+                                      ("--grid-like", args.grid_like), ("--points", args.points),
+                                      ("--grid-stride", args.grid_stride)) if value is not None]
+    what = KINDS[fmt].what
+    if given:
+        raise MolmatError(f"{args.run}: holds a {what}; {', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                          "density models only")
+    if not args.inputs:
+        raise MolmatError("predict needs at least one INPUT structure file")
+    from finetune.predict import predict
+
     rows = predict(args.run, args.inputs, args.out, fmt=args.format or "auto", device=device)
     print(f"wrote {rows} row(s) to {args.out}")
     return 0
@@ -603,10 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="metrics and parity plots of a trained model on shards")
-    p.add_argument("run", help="run or model directory")
+    p.add_argument("run", help="run or model directory, or a shipped model's name (e.g. qm9-density)")
     p.add_argument("--data", required=True, help="shard directory")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--out", help="output directory (default RUN/eval_SPLIT)")
+    p.add_argument("--out", help="output directory (default RUN/eval_SPLIT; for a shipped model ./eval_NAME_SPLIT)")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -622,12 +662,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_curvature)
 
-    p = sub.add_parser("predict", help="predict properties for raw structure files")
-    p.add_argument("run", help="run or model directory")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="xyz/extxyz/sdf/csv/cif/json/POSCAR/ASE .db files, "
-                   "directories or archives")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    p = sub.add_parser("predict", help="predict properties (CSV) or electron densities (cube, points) for raw "
+                       "structure files")
+    p.add_argument("run", help="run or model directory, or a shipped model's name (e.g. qm9-density)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="xyz/extxyz/sdf/csv/cif/json/POSCAR/ASE .db files, "
+                   "directories or archives (a density model also reads the atoms of cube and CHGCAR files)")
+    p.add_argument("--out", required=True, help="property model: CSV file to write; density model: a .cube[.gz] "
+                   "file, a directory (one <id>.cube per structure), or with --points a .npy/.csv file")
     p.add_argument("--format", help="input format (default: detect)")
+    p.add_argument("--grid-spacing", type=float, metavar="A", help="density model: grid step in Angstrom (default "
+                   "0.2); a molecule's box is its atoms plus --margin, a crystal's grid tiles its cell")
+    p.add_argument("--margin", type=float, metavar="A", help="density model: box margin around a molecule's atoms in "
+                   "Angstrom (default 2.117 = 4 bohr)")
+    p.add_argument("--grid-like", metavar="REF.cube", help="density model: predict on exactly REF's grid; the atoms "
+                   "are INPUT's, or REF's own when no INPUT is given")
+    p.add_argument("--grid-stride", type=int, metavar="N", help="density model, grids: the network on every N-th point "
+                   "per axis, log density splined between, points within density.direct_radius of an atom direct "
+                   "(default density.grid_stride of the model, 2); 1 = every point")
+    p.add_argument("--points", metavar="FILE", help="density model: .npy (P, 3) or .csv (x,y,z) positions in "
+                   "Angstrom; --out .npy gets the (P,) densities, .csv x,y,z,rho_e_per_bohr3 rows")
     _common(p)
     p.set_defaults(func=cmd_predict)
 

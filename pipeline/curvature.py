@@ -13,7 +13,7 @@ here touches it only through Hessian-vector products (HVPs) ``v -> H v``:
 * :class:`HVPOperator` wraps either one as a linear operator with a call counter.
 
 On such an operator: :func:`lanczos` (top eigenpairs, full reorthogonalisation),
-:func:`hutchinson_trace` (trace), :func:`slq_density` with :func:`broadened_density`,
+:func:`hutchinson_trace` and :func:`deflated_trace` (trace), :func:`slq_density` with :func:`broadened_density`,
 :func:`spectral_moments` and :func:`negative_mass` (stochastic Lanczos quadrature of the
 spectral density, Ubaru, Chen & Saad 2017; Ghorbani et al. 2019, as in PyHessian), and
 :func:`level_spacing_ratio` on any set of eigenvalues (random-matrix statistics).
@@ -384,6 +384,8 @@ class LanczosResult:
         iterations: Lanczos steps taken m (operator products, not counting residuals).
         breakdowns: times the Krylov space became invariant (beta ~ 0).
         tridiagonal: (m, m) the projected matrix T (float64, CPU).
+        basis: (m, n) the orthonormal Lanczos vectors Q (operator dtype and device), with
+            ``Q H Q^T = T``; row 0 is the normalised start vector.
     """
 
     eigenvalues: Tensor
@@ -393,6 +395,7 @@ class LanczosResult:
     iterations: int
     breakdowns: int
     tridiagonal: Tensor
+    basis: Tensor | None = None
 
 
 def _tridiagonal(alpha: Sequence[float], beta: Sequence[float]) -> Tensor:
@@ -508,7 +511,7 @@ def lanczos(op: LinearOperator, k: int, iters: int, seed: int = 0, tol: float | 
     if residuals:
         true = torch.tensor([float((op(y) - float(th) * y).norm()) for th, y in zip(theta, vectors)],
                             dtype=torch.float64)
-    return LanczosResult(theta, vectors, true, estimates, len(alpha), breakdowns, t)
+    return LanczosResult(theta, vectors, true, estimates, len(alpha), breakdowns, t, basis)
 
 
 # ------------------------------------------------------------------------ trace and density
@@ -532,6 +535,54 @@ def hutchinson_trace(op: LinearOperator, probes: int, seed: int = 0) -> tuple[fl
     mean = statistics.fmean(samples)
     stderr = statistics.stdev(samples) / math.sqrt(probes) if probes > 1 else math.nan
     return mean, stderr, samples
+
+
+def deflated_trace(op: LinearOperator, basis: Tensor, tridiagonal: Tensor, probes: int, seed: int = 0
+                   ) -> tuple[float, float, list[float]]:
+    """``tr(H)`` as the exact trace on a Krylov subspace plus Hutchinson on the rest (Hutch++-style).
+
+    With an orthonormal Lanczos basis Q (m, n), ``P = Q^T Q`` and ``T = Q H Q^T``,
+    ``tr(H) = tr(T) + tr((I - P) H (I - P))``; the second term is estimated from Rademacher z
+    projected off the subspace, ``z' = z - Q^T Q z``, by ``z'^T H z'``. The subspace holds the top
+    of the spectrum (Lanczos finds the outliers first), whose eigenvalues dominate the variance
+    of plain Hutchinson (``2 sum_{i != j} H_ij^2``); a network Hessian is a few outliers over a
+    bulk near zero, so the same probes give a much smaller error (Meyer, Musco, Musco & Woodruff
+    2021, with Lanczos instead of a random sketch). Unbiased: Q comes from a start vector drawn
+    independently of the probes.
+
+    Args:
+        op: symmetric operator. basis: (m, n) orthonormal rows (:attr:`LanczosResult.basis`).
+        tridiagonal: (m, m) ``Q H Q^T`` (:attr:`LanczosResult.tridiagonal`).
+        probes: Rademacher probes (products). seed: seeds them.
+    Returns:
+        (estimate, standard error (nan for one probe), per-probe samples of the deflated term).
+    """
+    if probes < 1:
+        raise ValueError(f"need at least one probe, got {probes}")
+    gen = _generator(seed)
+    like = torch.zeros(0, dtype=op.dtype, device=op.device)
+    samples = []
+    for _ in range(probes):
+        z = _random_vector(op.n, gen, like, "rademacher")
+        for _ in range(2):  # twice, as in the Lanczos run: one pass leaves rounding-size components
+            z = z - basis.T @ (basis @ z)
+        samples.append(float(torch.dot(z, op(z))))
+    rest = statistics.fmean(samples)
+    stderr = statistics.stdev(samples) / math.sqrt(probes) if probes > 1 else math.nan
+    return float(torch.trace(tridiagonal)) + rest, stderr, samples
+
+
+def rademacher_start(n: int, seed: int, like: Tensor) -> Tensor:
+    """(n,) Rademacher vector of ``seed`` in ``like``'s dtype and device: a Lanczos start that is
+    also a valid stochastic-Lanczos-quadrature start (:func:`slq_density` draws the same way)."""
+    return _random_vector(n, _generator(seed), like, "rademacher")
+
+
+def quadrature(tridiagonal: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauss quadrature of a Lanczos run: nodes (m,) = eigenvalues of T, weights (m,) = squared
+    first components of its eigenvectors (float64); see :func:`slq_density`."""
+    theta, s = torch.linalg.eigh(tridiagonal.to(torch.float64))
+    return theta, s[0] ** 2
 
 
 def slq_density(op: LinearOperator, iters: int, starts: int, seed: int = 0) -> tuple[Tensor, Tensor]:

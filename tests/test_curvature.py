@@ -336,6 +336,50 @@ def test_hutchinson_trace_within_three_standard_errors(mlp):
     assert C.hutchinson_trace(C.DenseOperator(hess), probes=200, seed=0)[0] == pytest.approx(mean, rel=1e-9)
 
 
+def _outlier_matrix(n: int = 300, seed: int = 0) -> torch.Tensor:
+    """(n, n) symmetric matrix shaped like a network Hessian: five outliers over a bulk near zero."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    eig = torch.cat([torch.tensor([100.0, 80.0, 60.0, 40.0, 20.0], dtype=torch.float64),
+                     0.5 * torch.randn(n - 5, generator=gen, dtype=torch.float64)])
+    return (q * eig) @ q.T
+
+
+def test_deflated_trace_is_unbiased_and_beats_plain_hutchinson():
+    h = _outlier_matrix()
+    op = C.DenseOperator(h)
+    lz = C.lanczos(op, k=5, iters=12, seed=1, residuals=False)
+    assert torch.allclose(lz.basis @ lz.basis.T, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(lz.basis @ h @ lz.basis.T, lz.tridiagonal, atol=1e-9)
+    mean, stderr, samples = C.deflated_trace(op, lz.basis, lz.tridiagonal, probes=200, seed=5)
+    assert len(samples) == 200
+    exact = float(h.trace())
+    assert abs(mean - exact) < 3 * stderr
+    # the deflated term is Hutchinson on A = (I - P) H (I - P): its sd is known exactly
+    proj = torch.eye(300, dtype=torch.float64) - lz.basis.T @ lz.basis
+    a = proj @ h @ proj
+    sd = math.sqrt(2 * float((a ** 2).sum() - (a.diagonal() ** 2).sum()))
+    assert 0.7 * sd / math.sqrt(200) < stderr < 1.3 * sd / math.sqrt(200)
+    plain_sd = math.sqrt(2 * float((h ** 2).sum() - (h.diagonal() ** 2).sum()))
+    assert sd < plain_sd / 5  # the outliers carried most of plain Hutchinson's variance
+
+
+def test_quadrature_of_a_rademacher_lanczos_run_is_an_slq_start():
+    h = _outlier_matrix(seed=3)
+    op = C.DenseOperator(h)
+    start = C.rademacher_start(300, 7, torch.zeros(0, dtype=torch.float64))
+    assert set(start.unique().tolist()) == {-1.0, 1.0}
+    lz = C.lanczos(op, k=3, iters=15, residuals=False, v0=start)
+    nodes, weights = C.quadrature(lz.tridiagonal)
+    ref_nodes, ref_weights = C.slq_density(op, iters=15, starts=1, seed=7)
+    assert torch.allclose(nodes, ref_nodes[0], rtol=1e-9, atol=1e-9)
+    assert torch.allclose(weights, ref_weights[0], rtol=1e-7, atol=1e-10)
+    v = start / start.norm()
+    for p in (1, 2, 3):  # Gauss quadrature: sum w theta^p = v^T H^p v exactly for p < 2 m
+        assert float((weights * nodes ** p).sum()) == pytest.approx(float(v @ torch.linalg.matrix_power(h, p) @ v),
+                                                                     rel=1e-9)
+
+
 def _quadratic_form_sd(a: torch.Tensor, starts: int) -> float:
     """Standard deviation of the mean over ``starts`` of ``v^T A v``, v = z / sqrt(n), z Rademacher."""
     n = a.shape[0]

@@ -23,7 +23,7 @@ SMALL = ["model.encoder2d.hidden=16", "model.encoder2d.steps=2", "model.heads.hi
          "train.warmup_steps=2", "train.log_every=1000", "train.threads=1", "finetune.targets=[gap_Ha, U0_Ha]"]
 #: Small but converged settings: 30 val records in 2 batches; heads of 2 x 281 parameters.
 CURV = ["curvature.batches=2", "curvature.batch_size=16", "curvature.lanczos_iters=40", "curvature.top_k=5",
-        "curvature.trace_probes=8", "curvature.slq_starts=2", "curvature.slq_iters=12"]
+        "curvature.trace_probes=8", "curvature.slq_starts=2", "curvature.slq_iters=12", "curvature.float64=true"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,7 +66,8 @@ def test_cli_writes_every_task_with_its_fields_and_pictures(cli_result):
         assert e["method"] == "autograd" and e["hvp_check"]["rel_error"] < 1e-4  # float64: double backprop is right
         assert e["trace_se"] > 0 and e["seconds"] > 0 and 0 <= e["negative_mass_significant"] <= e["negative_mass"] <= 1
         nodes, weights = np.array(e["density"]["nodes"]), np.array(e["density"]["weights"])
-        assert nodes.shape == weights.shape == (2, 12)
+        # start 1 is the top-eigenvalue Lanczos run (40 steps), start 2 has slq_iters (12), padded
+        assert nodes.shape == weights.shape == (2, 40) and (weights[1, 12:] == 0).all()
         np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-10)
         assert 0 <= e["r_top"] <= 1 and e["hvp_vs_grad"] > 0
     assert res["r_reference"]["goe"] == pytest.approx(0.5307)
@@ -140,7 +141,7 @@ def test_time_limit_marks_the_output_incomplete(trained, qm9_shards, tmp_path, c
                "--out", str(out)] + _sets(["curvature.batches=1", "curvature.batch_size=8", "curvature.lanczos_iters=4",
                                           "curvature.top_k=3", "curvature.trace_probes=2", "curvature.slq_starts=1",
                                           "curvature.slq_iters=4", "curvature.max_minutes=1e-6",
-                                          "curvature.hvp=fd"]))
+                                          "curvature.hvp=fd", "curvature.float64=true"]))
     assert rc == 0
     res = json.loads((out / "curvature.json").read_text())
     assert res["tasks"]["gap_Ha"]["method"] == "fd"  # as told, with the check still recorded
