@@ -26,6 +26,7 @@ Writes ``OUT/curvature.json`` and the pictures of :func:`pipeline.plots.spectral
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -284,7 +285,9 @@ def analyse(op: Any, cfg: CurvatureConfig) -> dict[str, Any]:
     # One Lanczos run serves three estimates: its Rademacher start makes it the first SLQ start,
     # and its basis deflates the trace probes (the top of the spectrum, which dominates plain
     # Hutchinson's variance, is then counted exactly): 55 products per task at the defaults, where
-    # separate Lanczos, Hutchinson and SLQ runs took 185.
+    # separate Lanczos, Hutchinson and SLQ runs took 185. Measured on an MP MPNN's band-gap loss
+    # (256 val crystals, float32, 20 Lanczos steps), 10 probes each: 1934 +- 121 deflated,
+    # 2345 +- 479 plain, a 4x smaller standard error (16x fewer probes for the same).
     like = torch.zeros(0, dtype=op.dtype, device=op.device)
     lz = C.lanczos(op, cfg.top_k, max(cfg.lanczos_iters, cfg.top_k), seed=cfg.seed, residuals=True,
                    v0=C.rademacher_start(op.n, cfg.seed, like))
@@ -433,9 +436,23 @@ def curvature(run: str | Path, data: str | Path, split: str = "val", tasks: Sequ
         timed = losses[TOTAL] if TOTAL in losses else losses[todo[0]]
         cost = C.time_hvp_vs_grad(timed.closures[0], group_params, repeats=3, seed=cfg.seed)
         result["cost"] = {**cost, "task": timed.name, "per": "batch"}
+        # The check is made in float64 whatever the analysis dtype: it asks whether the model's
+        # operations have differentiable backward passes, and float32 finite differences (~1e-3
+        # relative) cannot tell 1e-4 apart (an MPNN on crystals, right in float64 at 4e-8, failed a
+        # float32 check and was analysed with noisy finite differences).
+        if dtype == torch.float64:
+            check_losses, check_params = losses, group_params
+        else:
+            model64 = copy.deepcopy(model).double()
+            chosen64 = {name for name, p in model.named_parameters() if id(p) in chosen}
+            check_params = [p for name, p in model64.named_parameters() if name in chosen64]
+            # the same first batch, collated afresh: batch_to_dtype casts in place
+            first = select_batches(ms.dataset, cfg.batches, cfg.batch_size, cfg.seed)[0].to(device)
+            check_losses = set_losses(model64, [batch_to_dtype(first, torch.float64)], kind, todo)
         for i, task in enumerate(todo):
             t0 = time.perf_counter()
-            method, check = choose_method(losses[task], group_params, cfg.hvp, cfg.seed)
+            method, check = choose_method(check_losses[task], check_params, cfg.hvp, cfg.seed) \
+                if task in check_losses else choose_method(losses[task], group_params, cfg.hvp, cfg.seed)
             op = SetHVP(losses[task], group_params, method)
             entry = {"kind": TOTAL if task == TOTAL else "target", "labelled": losses[task].labelled,
                      "loss": losses[task].value, "method": method, "hvp_check": check, **analyse(op, cfg)}

@@ -154,7 +154,7 @@ def test_time_limit_marks_the_output_incomplete(trained, qm9_shards, tmp_path, c
 
 def test_gated_crystal_targets_encoder_group_in_float32(mp_shards, tmp_path):
     """SchNet on MP crystals with a gated band gap (its gate is part of the loss) and a composition
-    baseline; the encoder group only; float32, where auto still picks double backprop."""
+    baseline; the encoder group only; float32 analysis, where auto still picks double backprop."""
     from finetune.curvature import curvature
     from finetune.train import finetune
     from finetune import load_model
@@ -173,8 +173,9 @@ def test_gated_crystal_targets_encoder_group_in_float32(mp_shards, tmp_path):
     assert res["n_params"] == sum(p.numel() for p in model.encoder3d.parameters()) and res["dtype"] == "float32"
     assert list(res["tasks"]) == ["band_gap_eV", "formation_energy_per_atom_eV", "total"]
     for e in res["tasks"].values():
-        assert e["method"] == "autograd" and e["hvp_check"]["tolerance"] == 1e-2
-        assert e["hvp_check"]["rel_error"] < 1e-2 and math.isfinite(e["eigenvalues"][0])
+        # the check runs on a float64 copy (float32 differences cannot resolve 1e-4)
+        assert e["method"] == "autograd" and e["hvp_check"]["tolerance"] == 1e-4
+        assert e["hvp_check"]["rel_error"] < 1e-4 and math.isfinite(e["eigenvalues"][0])
 
 
 def test_unknown_task_is_a_clear_error(trained, qm9_shards, tmp_path, capsys):
