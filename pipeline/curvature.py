@@ -524,6 +524,11 @@ def hutchinson_trace(op: LinearOperator, probes: int, seed: int = 0) -> tuple[fl
     Returns:
         (mean, standard error of the mean (nan for one probe), per-probe samples ``z^T H z``).
     """
+    return _hutchinson(op, probes, seed, None)
+
+
+def _hutchinson(op: LinearOperator, probes: int, seed: int, basis: Tensor | None) -> tuple[float, float, list[float]]:
+    """Mean, standard error and samples of ``z^T H z`` over Rademacher z, projected off ``basis``'s rows if given."""
     if probes < 1:
         raise ValueError(f"need at least one probe, got {probes}")
     gen = _generator(seed)
@@ -531,6 +536,9 @@ def hutchinson_trace(op: LinearOperator, probes: int, seed: int = 0) -> tuple[fl
     samples = []
     for _ in range(probes):
         z = _random_vector(op.n, gen, like, "rademacher")
+        if basis is not None:
+            for _ in range(2):  # twice, as in the Lanczos run: one pass leaves rounding-size components
+                z = z - basis.T @ (basis @ z)
         samples.append(float(torch.dot(z, op(z))))
     mean = statistics.fmean(samples)
     stderr = statistics.stdev(samples) / math.sqrt(probes) if probes > 1 else math.nan
@@ -557,18 +565,7 @@ def deflated_trace(op: LinearOperator, basis: Tensor, tridiagonal: Tensor, probe
     Returns:
         (estimate, standard error (nan for one probe), per-probe samples of the deflated term).
     """
-    if probes < 1:
-        raise ValueError(f"need at least one probe, got {probes}")
-    gen = _generator(seed)
-    like = torch.zeros(0, dtype=op.dtype, device=op.device)
-    samples = []
-    for _ in range(probes):
-        z = _random_vector(op.n, gen, like, "rademacher")
-        for _ in range(2):  # twice, as in the Lanczos run: one pass leaves rounding-size components
-            z = z - basis.T @ (basis @ z)
-        samples.append(float(torch.dot(z, op(z))))
-    rest = statistics.fmean(samples)
-    stderr = statistics.stdev(samples) / math.sqrt(probes) if probes > 1 else math.nan
+    rest, stderr, samples = _hutchinson(op, probes, seed, basis)
     return float(torch.trace(tridiagonal)) + rest, stderr, samples
 
 
