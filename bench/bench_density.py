@@ -355,10 +355,9 @@ def direct_subset(runner: Runner, run: str, shards: Path, k: int, threads: int, 
     import numpy as np
     import torch
 
-    from finetune.density import predict_on_grid
+    from finetune.density import density_settings, predict_on_grid
     from pipeline import records as R
     from pipeline.checkpoint import DENSITY_MODEL, load_model_dir
-    from pipeline.config import DensityConfig
     from pipeline.shards import ShardDataset
     from pipeline.splits import load_split
 
@@ -367,7 +366,7 @@ def direct_subset(runner: Runner, run: str, shards: Path, k: int, threads: int, 
     cache_file = work / "direct_subset.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     model = load_model_dir(run, [DENSITY_MODEL], "cpu")
-    settings = DensityConfig.model_validate(model.meta.get("density", {}))
+    settings = density_settings(model)
     strides = sorted({1, 2, 3, settings.grid_stride})
     test = list(load_split(shards)["test"])[:k]
     ds = ShardDataset(shards, test)
@@ -627,9 +626,9 @@ def reference_step(runner: Runner, run: str, threads: int, work: Path, seen_smil
     import numpy as np
     import torch
 
-    from finetune.density import baseline_at, predict_on_grid
+    from finetune.density import baseline_at, density_settings, predict_on_grid
     from pipeline.checkpoint import DENSITY_MODEL, load_model_dir
-    from pipeline.config import DensityConfig, PreprocessConfig
+    from pipeline.config import PreprocessConfig
     from pipeline.density_data import density_record, electron_count, grid_positions, read_density
 
     torch.set_num_threads(threads)
@@ -637,7 +636,7 @@ def reference_step(runner: Runner, run: str, threads: int, work: Path, seen_smil
     cache_file = work / "reference.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     model = load_model_dir(run, [DENSITY_MODEL], "cpu")
-    settings = DensityConfig.model_validate(model.meta.get("density", {}))
+    settings = density_settings(model)
     pre = json.loads(json.dumps(model.meta.get("preprocess", {}) or {}))
     pre.setdefault("molecule", {})["conformers"] = 0
     cfg = PreprocessConfig.model_validate({k: v for k, v in pre.items() if k in PreprocessConfig.model_fields})

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from pipeline.checkpoint import (DENSITY_MODEL, check_shards_fit, data_identity,
                                  load_pretrained_encoders, prepare_run_dir, pretrained_model_config, save_model_dir)
 from pipeline.config import Config, DensityConfig, ModelConfig, write_resolved
 from pipeline.cube import BOHR_ANGSTROM
-from pipeline.density_data import all_grid_points, grid_indices, grid_positions, probe_graph, sample_probes
+from pipeline.density_data import grid_indices, grid_positions, probe_graph, sample_probes
 from pipeline.distributed import all_reduce_sums
 from pipeline.elements import element_symbol
 from pipeline.featurize import neighbour_cutoff
@@ -122,7 +122,7 @@ class ProbeView:
         else:
             points, values = sample_probes(rec, self.cfg.val_probes, 0, 0.0, self.seed, VAL_EPOCH, index)
         probe, atom, image = probe_graph(points, np.asarray(rec[R.POS], dtype=np.float64), self.radius, rec.get(R.CELL))
-        slim = {k: v for k, v in rec.items() if k not in GRID_KEYS}
+        slim = without_grid(rec)
         return ProbeSample(slim, points, np.asarray(values, dtype=np.float32), probe, atom, image)
 
 
@@ -281,8 +281,14 @@ def finetune_density(data: str | Path, out: str | Path, config: Config, init: st
 
 
 # -------------------------------------------------------------------------------- evaluation
-def _slim(record: dict[str, Any]) -> dict[str, Any]:
+def without_grid(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without its grid arrays (:data:`GRID_KEYS`): what collation and the atoms need."""
     return {k: v for k, v in record.items() if k not in GRID_KEYS}
+
+
+def density_settings(model: DensityModel) -> DensityConfig:
+    """The ``density`` settings a model was trained with (``config.json``), defaults for keys it predates."""
+    return DensityConfig.model_validate((getattr(model, "meta", None) or {}).get("density", {}))
 
 
 @torch.no_grad()
@@ -300,7 +306,7 @@ def densities_at(model: DensityModel, record: dict[str, Any], points: np.ndarray
         (P,) float64 density and (P,) baseline (promolecule, or zeros), e/bohr^3.
     """
     if encoded is None:
-        graph = collate([_slim(record)]).to(device)
+        graph = collate([without_grid(record)]).to(device)
         encoded = graph, model.atom_states(graph)
     graph, states = encoded
     pred, base = [], []
@@ -355,7 +361,7 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
     axes = np.asarray(axes, dtype=np.float64).reshape(3, 3)
     total = int(np.prod(shape))
     stride = max(1, int(stride))
-    slim = _slim(record)
+    slim = without_grid(record)
     graph = collate([slim]).to(device)
     encoded = graph, model.atom_states(graph)
     out = np.empty(total, dtype=np.float64)
@@ -426,21 +432,6 @@ def baseline_at(model: DensityModel, record: dict[str, Any], points: np.ndarray,
         rho = torch.zeros(len(chunk), device=device).index_add(0, probe_t, pro(vec.norm(dim=-1), z[atom_t]))
         out[start:start + len(chunk)] = rho.double().cpu().numpy()
     return out
-
-
-@torch.no_grad()
-def grid_densities(model: DensityModel, record: dict[str, Any], device: torch.device | str = "cpu"
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Predictions over every grid point of a density record, one chunk at a time.
-
-    Yields:
-        points (c, 3) Angstrom, true (c,), predicted (c,) and baseline (c,) densities, e/bohr^3.
-    """
-    graph = collate([_slim(record)]).to(device)
-    encoded = graph, model.atom_states(graph)
-    for points, values in all_grid_points(record, model.probe_chunk):
-        pred, base = densities_at(model, record, points, device, encoded)
-        yield points, np.asarray(values, dtype=np.float64), pred, base
 
 
 def slice_plane(pos: np.ndarray, spacing: float, margin: float = 1.5) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -539,8 +530,7 @@ def evaluate_density(run: str | Path, data: str | Path, split: str = "test", out
     out.mkdir(parents=True, exist_ok=True)
     baseline = model.baseline == "promolecule"
     structures, total = [], {"abs": 0.0, "sq": 0.0, "true": 0.0, "count": 0.0, "base_abs": 0.0}
-    settings = DensityConfig.model_validate(model.meta.get("density", {})) if stride is None or direct_radius is None \
-        else None
+    settings = density_settings(model)
     stride = settings.grid_stride if stride is None else int(stride)
     direct_radius = settings.direct_radius if direct_radius is None else float(direct_radius)
     network_points = 0

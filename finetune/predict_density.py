@@ -65,15 +65,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from finetune.density import densities_at, predict_on_grid
+from finetune.density import densities_at, density_settings, predict_on_grid, without_grid
 from pipeline import MolmatError, __version__
 from pipeline import records as R
 from pipeline.checkpoint import DENSITY_MODEL, load_model_dir
-from pipeline.config import DensityConfig, PreprocessConfig
+from pipeline.config import PreprocessConfig
 from pipeline.cube import BOHR_ANGSTROM, CubeGrid, integrate, read_cube, write_cube
 from pipeline.density_labels import safe_name, uniform_grid
 from pipeline.files import atomic_file
-from pipeline.graphs import collate
 from pipeline.inputs import ERROR, domain_check, featurized_inputs
 from pipeline.models.density import DensityModel
 
@@ -88,7 +87,6 @@ CUBE_SUFFIXES = (".cube", ".cube.gz")
 POINT_SUFFIXES = (".npy", ".csv")
 #: Column of the density in a ``--points`` CSV output.
 DENSITY_COLUMN = "rho_e_per_bohr3"
-_GRID_KEYS = (R.GRID_ORIGIN, R.GRID_AXES, R.GRID_SHAPE, R.GRID_VALUES, R.DENSITY)
 
 
 @dataclass
@@ -311,7 +309,7 @@ def _grid_atoms_record(grid: Any, rid: str, source: str, cfg: PreprocessConfig) 
     except Exception as exc:  # noqa: BLE001 (as featurized_inputs: RDKit and pymatgen raise many types)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return {"_id": rid, "_source": source, ERROR: f"could not be featurised ({type(exc).__name__}: {first})"}
-    return {k: v for k, v in rec.items() if k not in _GRID_KEYS}
+    return without_grid(rec)
 
 
 def _density_file_records(path: str, cfg: PreprocessConfig) -> Iterator[dict[str, Any]]:
@@ -373,11 +371,6 @@ def count_structures(inputs: Sequence[str], fmt: str = "auto") -> int:
 
 
 # ------------------------------------------------------------------------------- prediction
-def _encode(model: DensityModel, record: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
-    graph = collate([record]).to(device)
-    return graph, model.atom_states(graph)
-
-
 @torch.no_grad()
 def predict_points(model: DensityModel, record: dict[str, Any], points: np.ndarray,
                    device: torch.device | str = "cpu") -> tuple[np.ndarray, float]:
@@ -394,8 +387,7 @@ def predict_points(model: DensityModel, record: dict[str, Any], points: np.ndarr
     """
     device = torch.device(device)
     t0 = time.perf_counter()
-    pred, _ = densities_at(model, record, np.asarray(points, dtype=np.float64).reshape(-1, 3), device,
-                           _encode(model, record, device))
+    pred, _ = densities_at(model, record, np.asarray(points, dtype=np.float64).reshape(-1, 3), device)
     return pred, time.perf_counter() - t0
 
 
@@ -518,7 +510,7 @@ def predict_density(run: str | Path, inputs: Sequence[str | Path], out: str | Pa
     device = torch.device(device)
     model = load_model_dir(run, [DENSITY_MODEL], device)
     meta = getattr(model, "meta", {}) or {}
-    settings = DensityConfig.model_validate(meta.get("density", {}))
+    settings = density_settings(model)
     stride = settings.grid_stride if stride is None else int(stride)
     spacing = DEFAULT_SPACING if grid_spacing is None else float(grid_spacing)
     margin = DEFAULT_MARGIN if margin is None else float(margin)
