@@ -185,7 +185,7 @@ def build_density_model(cfg: DensityConfig, encoder: Any = None) -> DensityModel
     """
     promolecule = Promolecule.from_table(load_table(cfg.promolecule_table)) if cfg.baseline == "promolecule" else None
     return DensityModel(encoder if encoder is not None else cfg.encoder, cfg.probe_layers, cfg.probe_n_rbf, cfg.cutoff,
-                        cfg.baseline, promolecule, cfg.probe_chunk)
+                        cfg.baseline, promolecule, cfg.probe_chunk, cfg.predict_chunk)
 
 
 def _check_baseline(cfg: DensityConfig, facts: dict[str, Any], elements: list[str], where: str) -> None:
@@ -257,7 +257,8 @@ def finetune_density(data: str | Path, out: str | Path, config: Config, init: st
         if rank == 0:
             log.info("density encoder initialised from %s", init)
     identity = {"data": data_identity(data), "model": model.describe(),
-                "density": dcfg.model_dump(mode="json", exclude={"init", "probe_chunk", "eval_slices", "encoder"}),
+                "density": dcfg.model_dump(mode="json", exclude={"init", "probe_chunk", "predict_chunk", "eval_slices",
+                                                                   "encoder"}),
                 "init": str(Path(init).resolve()) if init else None}
     prepare_run_dir(out, identity, restart, rank, world_size)
     model.to(device)
@@ -291,6 +292,10 @@ def density_settings(model: DensityModel) -> DensityConfig:
     return DensityConfig.model_validate((getattr(model, "meta", None) or {}).get("density", {}))
 
 
+#: Points whose edges :func:`densities_at` builds at once (the model then takes them in its chunks).
+_POINT_BLOCK = 8192
+
+
 @torch.no_grad()
 def densities_at(model: DensityModel, record: dict[str, Any], points: np.ndarray, device: torch.device | str = "cpu",
                  encoded: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -310,8 +315,8 @@ def densities_at(model: DensityModel, record: dict[str, Any], points: np.ndarray
         encoded = graph, model.atom_states(graph)
     graph, states = encoded
     pred, base = [], []
-    for s in range(0, len(points), model.probe_chunk):
-        probes = make_probes([points[s:s + model.probe_chunk]], [record[R.POS]], [record.get(R.CELL)],
+    for s in range(0, len(points), _POINT_BLOCK):
+        probes = make_probes([points[s:s + _POINT_BLOCK]], [record[R.POS]], [record.get(R.CELL)],
                              model.probe_radius).to(device)
         p, b = model.probe_densities(graph, states, probes, parts=True)
         pred.append(p.double().cpu().numpy())

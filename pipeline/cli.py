@@ -538,7 +538,8 @@ def cmd_density_labels(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     dl = cfg.density_labels
-    for flag, key in (("workers", "workers"), ("limit", "limit"), ("start", "start"), ("basis", "basis"),
+    for flag, key in (("workers", "workers"), ("threads", "threads"), ("limit", "limit"), ("start", "start"),
+                      ("basis", "basis"),
                       ("functional", "functional"), ("spacing", "spacing"), ("margin", "margin"),
                       ("grid_level", "grid_level"), ("conv_tol", "conv_tol")):
         value = getattr(args, flag)
@@ -693,7 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="molecule files, directories or archives (xyz, sdf, csv)")
     p.add_argument("--out", required=True, help="output directory (cubes, labels.jsonl, failures.jsonl)")
     p.add_argument("--format", help="input format (default: detect)")
-    p.add_argument("--workers", type=int, help="processes, one per core (default density_labels.workers; 0 = all cores)")
+    p.add_argument("--workers", type=int, help="processes, one molecule each (default density_labels.workers; 0 = one "
+                   "per core, at most --limit)")
+    p.add_argument("--threads", type=int, help="threads per process (default density_labels.threads; 0 = the cores "
+                   "shared out among the processes)")
     p.add_argument("--start", type=int, help="skip the first K records")
     p.add_argument("--limit", type=int, help="label at most N records (after --start)")
     p.add_argument("--functional", help="XC functional (default PBE)")

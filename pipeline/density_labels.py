@@ -18,7 +18,9 @@ Output directory::
 Resumable: a cube is written under a temporary name and renamed when complete, so a molecule
 whose cube exists is finished and skipped on a rerun; recorded failures are not retried unless
 asked. Molecules run in separate processes (one per core by default), each with one thread,
-because one SCF of a small molecule does not scale across threads as well as molecules do.
+because one SCF of a small molecule does not scale across threads as well as molecules do; with
+fewer workers than cores (``density_labels.workers``, or a ``limit`` below the core count) the
+workers share the cores out as threads (``density_labels.threads``).
 
 PySCF is an optional dependency (``pip install molmat[density]``) and is imported only here, in
 functions.
@@ -379,13 +381,13 @@ def _write_dm(path: Path, job: dict[str, Any], z: np.ndarray, pos: np.ndarray, d
             tmp.unlink()
 
 
-def _worker_loop(jobs: Any, results: Any, settings: dict[str, Any], out_dir: str) -> None:
+def _worker_loop(jobs: Any, results: Any, settings: dict[str, Any], out_dir: str, threads: int = 1) -> None:
     """Worker process: label molecules from ``jobs`` until ``None``; every outcome goes to ``results``."""
     # Ctrl-C reaches the whole process group; the parent decides and terminates workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         pyscf = _pyscf()
-        pyscf.lib.num_threads(1)
+        pyscf.lib.num_threads(threads)
     except MolmatError as exc:
         results.put({"key": None, "fatal": str(exc)})
         return
@@ -409,12 +411,13 @@ def _worker_loop(jobs: Any, results: Any, settings: dict[str, Any], out_dir: str
 class _Pool:
     """Spawned worker processes, one molecule each at a time; a worker that dies is replaced.
 
-    Workers are spawned (never forked) with the thread variables set to 1, so numpy's BLAS and
-    PySCF's OpenMP in each of them use one thread.
+    Workers are spawned (never forked) with the thread variables set to ``threads``, so numpy's
+    BLAS and PySCF's OpenMP in each of them use that many threads.
     """
 
-    def __init__(self, size: int, settings: dict[str, Any], out_dir: Path) -> None:
+    def __init__(self, size: int, settings: dict[str, Any], out_dir: Path, threads: int = 1) -> None:
         self.size = size
+        self.threads = int(threads)
         self.settings = settings
         self.out_dir = str(out_dir)
         self.ctx = mp.get_context("spawn")
@@ -424,10 +427,10 @@ class _Pool:
     def _spawn(self) -> dict[str, Any]:
         jobs = self.ctx.Queue()
         saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-        os.environ.update({k: "1" for k in _THREAD_VARS})
+        os.environ.update({k: str(self.threads) for k in _THREAD_VARS})
         try:
-            proc = self.ctx.Process(target=_worker_loop, args=(jobs, self.results, self.settings, self.out_dir),
-                                    daemon=True)
+            proc = self.ctx.Process(target=_worker_loop, args=(jobs, self.results, self.settings, self.out_dir,
+                                                               self.threads), daemon=True)
             proc.start()
         finally:
             for k, v in saved.items():
@@ -632,6 +635,23 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def worker_layout(workers: int, threads: int, limit: int | None, cores: int) -> tuple[int, int]:
+    """Worker processes and threads per worker for a labelling run.
+
+    Args:
+        workers: asked for (0: one per core, but no more than ``limit``).
+        threads: asked for (0: ``cores // workers``, at least 1).
+        limit: molecules to label at most (None: unknown).
+        cores: cores available to this process.
+    Returns:
+        (workers, threads per worker).
+    """
+    if not workers:
+        workers = min(cores, limit) if limit else cores
+    workers = max(1, workers)
+    return workers, threads or max(1, cores // workers)
+
+
 def generate(inputs: list[str | Path], out: str | Path, cfg: Config, fmt: str = "auto",
              retry_failed: bool = False) -> LabelSummary:
     """Label every molecule of ``inputs`` with a DFT density cube in ``out`` (resumable).
@@ -729,12 +749,12 @@ def generate(inputs: list[str | Path], out: str | Path, cfg: Config, fmt: str = 
             yield {"key": key, "id": rid, "name": name, "file": raw.source,
                    "z": np.asarray(arrays["z"], dtype=np.int64).tolist(), "pos": np.asarray(arrays["pos"]).tolist()}
 
-    workers = dl.workers or _available_cores()
+    workers, threads = worker_layout(dl.workers, dl.threads, dl.limit, _available_cores())
     log.info("density-labels: %s, XC grid level %d, conv_tol %g; uniform grid %g bohr, margin %g bohr; %d worker "
-             "process(es) x 1 thread; %d finished and %d failed molecule(s) already in %s",
-             level_of_theory(settings), dl.grid_level, dl.conv_tol, dl.spacing, dl.margin, workers,
+             "process(es) x %d thread(s); %d finished and %d failed molecule(s) already in %s",
+             level_of_theory(settings), dl.grid_level, dl.conv_tol, dl.spacing, dl.margin, workers, threads,
              len(list(out.glob("*" + CUBE_SUFFIX))), len(failed_before), out)
-    pool = _Pool(workers, settings, out)
+    pool = _Pool(workers, settings, out, threads)
     progress = _Progress(dl.limit)
     previous_handler = None
     if hasattr(signal, "SIGTERM") and _is_main_thread():

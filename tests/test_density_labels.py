@@ -176,3 +176,13 @@ def test_density_matrix_file_errors_name_the_file(tmp_path):
         load_density_matrix(bad)
     with pytest.raises(MolmatError, match="no such density-matrix file"):
         load_density_matrix(tmp_path / "missing.npz")
+
+
+def test_worker_layout_shares_the_cores_out():
+    from pipeline.density_labels import worker_layout
+
+    assert worker_layout(0, 0, None, 16) == (16, 1)      # a long run: one molecule per core
+    assert worker_layout(0, 0, 3, 16) == (3, 5)         # three molecules: no idle cores
+    assert worker_layout(1, 0, None, 2) == (1, 2)
+    assert worker_layout(4, 3, None, 2) == (4, 3)       # what was asked for, even oversubscribed
+    assert worker_layout(0, 0, None, 1) == (1, 1)

@@ -217,10 +217,66 @@ def test_probes_only_receive(records):
 def test_chunks_give_what_one_pass_gives(records, encoder):
     model = _model(encoder)
     points = _probes(records, 60)
-    model.probe_chunk = 10 ** 6
+    model.probe_chunk = model.predict_chunk = 10 ** 6
     whole = _densities(model, records, points)
     model.probe_chunk = 13
-    np.testing.assert_allclose(_densities(model, records, points).numpy(), whole.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_densities(model, records, points).numpy(), whole.detach().numpy(), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        model.predict_chunk = 7
+        np.testing.assert_allclose(_densities(model, records, points).numpy(), whole.detach().numpy(), rtol=1e-5,
+                                   atol=1e-7)
+
+
+def test_radial_table_matches_the_function_it_tabulates():
+    """Cubic Lagrange on 512 intervals against the filter MLP evaluated at each distance (the
+    reference), across the whole range including the nodes and both ends."""
+    from pipeline.models.radial_table import RadialTable
+    from pipeline.models.schnet import GaussianRBF, ShiftedSoftplus
+
+    torch.manual_seed(0)
+    rbf = GaussianRBF(20, 4.0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(20, 32), ShiftedSoftplus(), torch.nn.Linear(32, 48))
+    fn = lambda d: mlp(rbf(d))  # noqa: E731
+    table = RadialTable(4.0, 512)
+    d = torch.cat([torch.rand(5000) * 4.0, torch.arange(513) * (4.0 / 512), torch.tensor([0.0, 4.0])])
+    with torch.no_grad():
+        ref = fn(d)
+        got = table(d, fn, mlp)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # linear interpolation on the same nodes is ~100x worse: the test would see a cruder table
+    h = 4.0 / 512
+    with torch.no_grad():
+        k = (d / h).floor().clamp(0, 511)
+        lin = fn(k * h) + (d / h - k).unsqueeze(-1) * (fn((k + 1) * h) - fn(k * h))
+    assert float((lin - ref).abs().max()) > 10 * float((got - ref).abs().max())
+
+
+def test_radial_table_follows_weight_changes():
+    from pipeline.models.radial_table import RadialTable
+
+    lin = torch.nn.Linear(1, 3)
+    fn = lambda d: lin(d.unsqueeze(-1))  # noqa: E731
+    table = RadialTable(2.0, 64)
+    d = torch.tensor([0.3, 1.7])
+    with torch.no_grad():
+        before = table(d, fn, lin)
+        lin.weight.mul_(2.0)                       # in place, as an optimiser step
+        after = table(d, fn, lin)
+        np.testing.assert_allclose(after.numpy(), fn(d).numpy(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(before, after)
+        lin.load_state_dict({"weight": torch.ones(3, 1), "bias": torch.zeros(3)})
+        np.testing.assert_allclose(table(d, fn, lin).numpy(), fn(d).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["painn", "schnet"])
+def test_prediction_without_gradients_is_the_trained_function(records, encoder):
+    """Evaluation reads the probe filters from tables; training evaluates the MLPs: same densities."""
+    model = _model(encoder)
+    points = _probes(records, 80)
+    trained = _densities(model, records, points).detach()
+    with torch.no_grad():
+        predicted = _densities(model, records, points)
+    np.testing.assert_allclose(predicted.numpy(), trained.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_valence_densities_refuse_the_promolecule(tmp_path):

@@ -1,0 +1,75 @@
+"""Tabulated radial functions for inference: a distance-only network evaluated once on a grid.
+
+A continuous filter ``W(d)`` (an MLP of Gaussian distance features) depends on nothing but the
+distance, yet evaluating it costs a ``n_rbf x F`` and an ``F x C`` matrix product per edge. When
+no gradient is needed (predicting densities on whole grids), :class:`RadialTable` evaluates it at
+``K + 3`` evenly spaced distances once and interpolates each edge from the 4 nearest nodes with
+cubic Lagrange weights (error ``O(h^4 W'''')``; for the probe filters, 20 Gaussians on 4 A and
+512 intervals, ~1e-6 of the filter's largest value, measured against the MLP in
+``tests/test_density_model.py``). Measured on one thread with 1,500 edges (a chunk of probes): a
+64-wide filter to 256 channels took 1.76 ms as an MLP and 0.3 ms from the table; with 24,000 edges
+the gathered rows leave the cache and the table is slower than the MLP, so it pays only with
+small chunks (``DensityModel.predict_chunk``).
+
+The table is rebuilt whenever a parameter of the function changed since it was built (an
+optimiser step or ``load_state_dict``), detected by the parameters' in-place version counters.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class RadialTable:
+    """Cubic-Lagrange lookup of a radial function on ``[0, cutoff]``.
+
+    The function is passed at each call rather than held (a held closure would keep pointing at the
+    original module after ``copy.deepcopy``); it is evaluated only when the table is missing or
+    stale.
+
+    Args:
+        cutoff: largest distance looked up, Angstrom; larger ones are clamped to the last interval
+            (extrapolated), so callers mask them.
+        intervals: K, grid intervals on ``[0, cutoff]`` (spacing ``h = cutoff / K``).
+    """
+
+    def __init__(self, cutoff: float, intervals: int = 512) -> None:
+        self.cutoff, self.intervals = float(cutoff), int(intervals)
+        self.h = self.cutoff / self.intervals
+        self._rows: Tensor | None = None
+        self._stamp: tuple[int, ...] | None = None
+
+    def nodes(self, fn: Callable[[Tensor], Tensor], module: nn.Module, like: Tensor) -> Tensor:
+        """(K + 3, C) values of ``fn`` at the distances ``(j - 1) h``, j = 0 .. K + 2.
+
+        Args:
+            fn: (M,) distances -> (M, C) values, smooth on ``[-h, cutoff + 2h]``.
+            module: the module whose parameters ``fn`` reads (staleness check).
+            like: a tensor with the wanted dtype and device.
+        """
+        params = list(module.parameters())
+        stamp = tuple(p._version for p in params) + tuple(id(p) for p in params)
+        if (self._rows is None or self._stamp != stamp or self._rows.device != like.device
+                or self._rows.dtype != like.dtype):
+            with torch.no_grad():
+                d = (torch.arange(self.intervals + 3, device=like.device, dtype=like.dtype) - 1) * self.h
+                self._rows = fn(d).contiguous()
+            self._stamp = stamp
+        return self._rows
+
+    def __call__(self, d: Tensor, fn: Callable[[Tensor], Tensor], module: nn.Module) -> Tensor:
+        """(E,) distances -> (E, C) interpolated values of ``fn`` (no gradient; see :meth:`nodes`)."""
+        nodes = self.nodes(fn, module, d)
+        t = d / self.h
+        k = t.floor().long().clamp_(0, self.intervals - 1)
+        x = (t - k).unsqueeze(-1)
+        xm, x1, x2 = x + 1, x - 1, x - 2
+        # four gathers from the compact (K + 3, C) table: with C = 512 channels 1.5-3x faster than
+        # one gather of pre-stacked (K, 4, C) rows and a batched product (less to keep in cache)
+        out = nodes.index_select(0, k) * (-x * x1 * x2 / 6)
+        out.addcmul_(nodes.index_select(0, k + 1), xm * x1 * x2 / 2)
+        out.addcmul_(nodes.index_select(0, k + 2), -xm * x * x2 / 2)
+        out.addcmul_(nodes.index_select(0, k + 3), xm * x * x1 / 6)
+        return out
