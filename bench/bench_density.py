@@ -299,11 +299,8 @@ def run_evaluation(runner: Runner, step: str, run: str, shards: Path, out: Path,
     stamp = {"model_dir": str(model_dir.resolve()), "weights_mtime": weights, "shards": str(shards.resolve()),
              "split": "test", "limit": limit}
     stamp_file, metrics_file = out / "bench_stamp.json", out / "metrics.json"
-    if limit is None:
-        cmd = [MOLMAT, "evaluate", run, "--data", str(shards), "--split", "test", "--out", str(out),
-               "--set", f"train.threads={threads}"]
-    else:
-        cmd = [PYTHON, os.path.abspath(__file__), "--internal-eval", run, str(shards), str(out), str(limit), str(threads)]
+    cmd = [MOLMAT, "evaluate", run, "--data", str(shards), "--split", "test", "--out", str(out),
+           "--set", f"train.threads={threads}"] + (["--limit", str(limit)] if limit is not None else [])
     if metrics_file.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         runner.record(step, cmd, {"OMP_NUM_THREADS": str(threads)}, reused=True)
         call = None
@@ -325,29 +322,6 @@ def run_evaluation(runner: Runner, step: str, run: str, shards: Path, out: Path,
             "structures": [{k: x.get(k) for k in ("id", "atoms", "points", "nmae_percent", "promolecule_nmae_percent",
                                                   "electrons_true", "electrons_pred", "electrons_expected",
                                                   "electrons_promolecule")} for x in metrics["structures"]]}
-
-
-def internal_eval(argv: list[str]) -> int:
-    """``--internal-eval RUN SHARDS OUT K THREADS``: :func:`finetune.density.evaluate_density` on the
-    first K test molecules (the split is cut before the evaluation reads it; everything else is
-    what ``molmat evaluate`` runs)."""
-    run, shards, out, k, threads = argv
-    import torch
-
-    import finetune.density as fd
-
-    torch.set_num_threads(int(threads))
-    original = fd.load_split
-
-    def first_k(root: Any, *a: Any, **kw: Any) -> dict[str, Any]:
-        split = dict(original(root, *a, **kw))
-        split["test"] = list(split["test"])[:int(k)]
-        return split
-
-    fd.load_split = first_k
-    metrics = fd.evaluate_density(run, shards, "test", out)
-    print(fd.density_table(metrics))
-    return 0
 
 
 def direct_subset(runner: Runner, run: str, shards: Path, k: int, threads: int, work: Path,
@@ -981,8 +955,6 @@ def _describe_model(model: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--internal-eval"]:
-        return internal_eval(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", help="density model: run or model directory, or a shipped model's name (qm9-density)")
     p.add_argument("--shards", help="the density shards the model was trained on (their split.json test split)")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.modeldata import SPLITS
+from finetune.modeldata import default_eval_out, split_indices
 from pipeline import MolmatError
 from pipeline import records as R
 from pipeline.checkpoint import (DENSITY_MODEL, check_shards_fit, data_identity, load_model_dir,
@@ -418,24 +418,14 @@ def baseline_at(model: DensityModel, record: dict[str, Any], points: np.ndarray,
     Returns:
         (P,) float64 e/bohr^3.
     """
-    pro = model.promolecule
-    if pro is None:
+    if model.promolecule is None:
         return np.zeros(len(points))
-    pos = torch.as_tensor(np.asarray(record[R.POS], dtype=np.float32), device=device)
-    z = torch.as_tensor(np.asarray(record[R.Z], dtype=np.int64), device=device)
-    cell = record.get(R.CELL)
-    cell_t = torch.as_tensor(np.asarray(cell, dtype=np.float32).reshape(3, 3), device=device) if cell is not None \
-        else torch.zeros(3, 3, device=device)
+    graph = collate([without_grid(record)]).to(device)
     out = np.empty(len(points), dtype=np.float64)
     for start in range(0, len(points), _FINE_CHUNK):
-        chunk = np.asarray(points[start:start + _FINE_CHUNK], dtype=np.float64)
-        probe, atom, image = probe_graph(chunk, np.asarray(record[R.POS], dtype=np.float64), pro.radius_angstrom, cell)
-        probe_t = torch.as_tensor(probe, device=device)
-        atom_t = torch.as_tensor(atom, device=device)
-        vec = pos[atom_t] + torch.as_tensor(image, dtype=torch.float32, device=device) @ cell_t \
-            - torch.as_tensor(chunk, dtype=torch.float32, device=device)[probe_t]
-        rho = torch.zeros(len(chunk), device=device).index_add(0, probe_t, pro(vec.norm(dim=-1), z[atom_t]))
-        out[start:start + len(chunk)] = rho.double().cpu().numpy()
+        chunk = points[start:start + _FINE_CHUNK]
+        probes = make_probes([chunk], [record[R.POS]], [record.get(R.CELL)], model.promolecule.radius_angstrom)
+        out[start:start + len(chunk)] = model.baseline_densities(graph, probes.to(device)).double().cpu().numpy()
     return out
 
 
@@ -499,10 +489,11 @@ def _structure_metrics(record: dict[str, Any], sums: dict[str, float], expected:
 
 def evaluate_density(run: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
                      device: torch.device | str = "cpu", slices: int | None = None, stride: int | None = None,
-                     direct_radius: float | None = None) -> dict[str, Any]:
+                     direct_radius: float | None = None, limit: int | None = None) -> dict[str, Any]:
     """Evaluate a density model on the full grids of a split of density shards.
 
-    Writes into ``out`` (default ``RUN/eval_<split>``): ``metrics.json`` (``kind: density``; per
+    Writes into ``out`` (default :func:`finetune.modeldata.default_eval_out`; ``limit``: only the
+    first N structures of the split): ``metrics.json`` (``kind: density``; per
     structure and overall: NMAE in per cent over every grid point, MAE and RMSE per point in
     e/bohr^3, predicted, true and promolecule electron counts; ``overall.nmae_percent`` pools every
     point of every structure, ``overall.nmae_mean_percent`` averages the structures' NMAE),
@@ -519,19 +510,17 @@ def evaluate_density(run: str | Path, data: str | Path, split: str = "test", out
         MolmatError: not a density model, shards without densities or of another featurisation,
             an unknown or empty split.
     """
-    if split not in SPLITS:
-        raise MolmatError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    indices = split_indices(data, split, limit)
     device = torch.device(device)
     model = load_model_dir(run, [DENSITY_MODEL], device)
     manifest = load_manifest(data)
     facts = _check_density_data(manifest, str(data))
     check_shards_fit(model.meta["featurization"], model.views(), manifest, str(data))
-    indices = None if split == "all" else load_split(data)[split]
     ds = ShardDataset(data, indices)
     if len(ds) == 0:
         raise MolmatError(f"{data}: the {split} split is empty")
     slices = int(model.meta.get("density", {}).get("eval_slices", 2)) if slices is None else slices
-    out = Path(out) if out else Path(run) / f"eval_{split}"
+    out = Path(out) if out else default_eval_out(run, split)
     out.mkdir(parents=True, exist_ok=True)
     baseline = model.baseline == "promolecule"
     structures, total = [], {"abs": 0.0, "sq": 0.0, "true": 0.0, "count": 0.0, "base_abs": 0.0}

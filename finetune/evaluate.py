@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from finetune.metrics import target_metrics
-from finetune.modeldata import open_model_on_split, predict_loader
+from finetune.modeldata import default_eval_out, open_model_on_split, predict_loader
 from pipeline import records as R
 from pipeline.plots import parity_plot
 from pipeline.readers import unit_column
@@ -63,13 +63,14 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 
 def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-             batch_size: int = 128, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Evaluate a model on a split of a shard directory (``all`` = every record).
+             batch_size: int = 128, device: torch.device | str = "cpu", limit: int | None = None) -> dict[str, Any]:
+    """Evaluate a model on a split of a shard directory (``all`` = every record; ``limit``: only
+    the first N records of the split).
 
     A density model (``molmat-density-model``) goes to :func:`finetune.density.evaluate_density`
     (full-grid NMAE, electron counts, density slices; its metrics carry ``kind: density``).
 
-    Writes into ``out`` (default ``RUN/eval_<split>``): ``metrics.json`` (per target: MAE, RMSE,
+    Writes into ``out`` (default :func:`finetune.modeldata.default_eval_out`): ``metrics.json`` (per target: MAE, RMSE,
     R^2, count in the target's unit; log10 targets also in log10), the same as a table in
     ``metrics.csv`` (:data:`METRICS_COLUMNS`), ``predictions.csv`` (record index, structure
     id, source file, then true and predicted value of every target, each column named with
@@ -82,8 +83,8 @@ def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | 
         # a density model is scored on full grids (finetune.density); its metrics say kind: density
         from finetune.density import evaluate_density
 
-        return evaluate_density(run, data, split, out, device)
-    scored = open_model_on_split(run, data, split, device)
+        return evaluate_density(run, data, split, out, device, limit=limit)
+    scored = open_model_on_split(run, data, split, device, limit)
     model = scored.model
     res = predict_loader(model, scored.loader(batch_size), scored.device)
     # The loader keeps record order, so the split's records give each row's source file and its
@@ -92,7 +93,7 @@ def evaluate(run: str | Path, data: str | Path, split: str = "test", out: str | 
     sources = [str(r[R.SOURCE]) for r in records]
     if records:
         res["y"] = np.stack([np.asarray(r[R.Y], dtype=np.float64) for r in records])
-    out = Path(out) if out else Path(run) / f"eval_{split}"
+    out = Path(out) if out else default_eval_out(run, split)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"data": str(data), "split": split, "records": len(scored.dataset),
                                "targets": target_metrics(res, model.targets)}

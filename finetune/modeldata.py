@@ -102,8 +102,40 @@ class ModelOnSplit:
         return make_loader(self.dataset, batch_size, num_workers=num_workers, collate_fn=collate)
 
 
+def default_eval_out(run: str | Path, split: str) -> Path:
+    """Where ``molmat evaluate`` writes by default: ``RUN/eval_<split>``, or ``./eval_<name>_<split>``
+    for a shipped model's name (it has no run directory of its own to write into)."""
+    from pipeline.shipped import is_shipped_name
+
+    return Path(f"eval_{run}_{split}") if is_shipped_name(str(run)) else Path(run) / f"eval_{split}"
+
+
+def split_indices(data: str | Path, split: str, limit: int | None = None) -> list[int] | None:
+    """Record indices of a split of a shard directory, optionally only its first ``limit``.
+
+    Args:
+        data: shard directory.
+        split: ``train``, ``val``, ``test`` or ``all`` (every record).
+        limit: keep the first N records of the split (None: all of them).
+    Returns:
+        the indices, or None for every record (``all`` without a limit).
+    Raises:
+        MolmatError: an unknown split or a limit below 1.
+    """
+    if split not in SPLITS:
+        raise MolmatError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if limit is not None and limit < 1:
+        raise MolmatError(f"--limit must be at least 1, not {limit}")
+    indices = None if split == "all" else list(load_split(data)[split])
+    if limit is None:
+        return indices
+    if indices is None:
+        indices = list(range(len(ShardDataset(data))))
+    return indices[:limit]
+
+
 def open_model_on_split(run: str | Path, data: str | Path, split: str = "test",
-                        device: torch.device | str = "cpu") -> ModelOnSplit:
+                        device: torch.device | str = "cpu", limit: int | None = None) -> ModelOnSplit:
     """Load a property model and the records of a split it can read.
 
     Args:
@@ -111,18 +143,17 @@ def open_model_on_split(run: str | Path, data: str | Path, split: str = "test",
         data: shard directory.
         split: ``train``, ``val``, ``test`` or ``all`` (every record).
         device: where to put the model.
+        limit: only the first N records of the split.
     Raises:
         MolmatError: not a property model, shards of another featurisation, missing labels,
             unknown or empty split.
     """
-    if split not in SPLITS:
-        raise MolmatError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    indices = split_indices(data, split, limit)
     device = torch.device(device)
     model = load_model_dir(run, [PROPERTY_MODEL], device)
     manifest = load_manifest(data)
     check_shards_fit(model.meta["featurization"], model.views(), manifest, str(data))
     columns = target_columns(manifest, model.targets, str(data))
-    indices = None if split == "all" else load_split(data)[split]
     ds = TargetColumns(ShardDataset(data, indices), columns)
     if len(ds) == 0:
         raise MolmatError(f"{data}: the {split} split is empty")

@@ -182,17 +182,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--out DIR]``."""
+    """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--limit N] [--out DIR]``."""
     from finetune.evaluate import evaluate, metrics_table
+    from finetune.modeldata import default_eval_out
     from pipeline.config import write_resolved
-    from pipeline.shipped import is_shipped_name
 
     cfg, device = _config_and_device(args)
-    # a shipped model has no run directory of its own to write into: eval_<name>_<split> here instead
-    shipped = is_shipped_name(args.run)
-    default = Path(f"eval_{args.run}_{args.split}") if shipped else Path(args.run) / f"eval_{args.split}"
-    out = Path(args.out) if args.out else default
-    metrics = evaluate(args.run, args.data, args.split, out, device=device)
+    out = Path(args.out) if args.out else default_eval_out(args.run, args.split)
+    metrics = evaluate(args.run, args.data, args.split, out, device=device, limit=args.limit)
     write_resolved(cfg, out)
     if metrics.get("kind") == "density":
         from finetune.density import density_table
@@ -648,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shard directory")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--out", help="output directory (default RUN/eval_SPLIT; for a shipped model ./eval_NAME_SPLIT)")
+    p.add_argument("--limit", type=int, help="only the first N records of the split (full-grid density evaluation "
+                   "takes seconds per structure)")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 

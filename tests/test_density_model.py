@@ -403,3 +403,31 @@ def test_evaluate_reports_full_grid_nmae_electrons_and_a_slice(shards, trained, 
     assert rows[0].startswith("id,source,atoms,points,nmae_percent") and rows[-1].startswith("(all)")
     pngs = list(out.glob("slice_*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baseline_at_is_the_sum_of_free_atoms_including_lattice_images(records):
+    """``baseline_at`` (torch, the model's buffers, neighbour search) against a brute-force numpy
+    sum of the free-atom table over every atom and, for a periodic copy of the same real molecule
+    in a 6 A cubic cell, over all 27 neighbouring images (the table reaches 4.3 A < 6 A)."""
+    from finetune.density import baseline_at
+    from pipeline.promolecule import load_table
+
+    model = _model("painn")
+    table = load_table()
+    rec = records[0]
+    pos = np.asarray(rec[R.POS], dtype=np.float64)
+    z = np.asarray(rec[R.Z])
+    points = pos.mean(axis=0) + np.random.default_rng(3).uniform(-3.0, 3.0, size=(400, 3))
+
+    def brute(shifts: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(points))
+        for shift in shifts:
+            r = np.linalg.norm(points[:, None, :] - (pos + shift)[None, :, :], axis=-1) / BOHR_ANGSTROM
+            total += table.density(np.broadcast_to(z, r.shape), r).sum(axis=1)
+        return total
+
+    np.testing.assert_allclose(baseline_at(model, rec, points), brute(np.zeros((1, 3))), rtol=1e-4, atol=1e-8)
+    cell = 6.0 * np.eye(3)
+    periodic = {**rec, R.CELL: cell.astype(np.float32)}
+    images = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=np.float64) @ cell
+    np.testing.assert_allclose(baseline_at(model, periodic, points), brute(images), rtol=1e-4, atol=1e-8)

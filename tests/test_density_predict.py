@@ -404,3 +404,10 @@ def test_shipped_qm9_density_matches_an_exact_dft_density_of_an_unseen_molecule(
     print(f"{name}: NMAE {nmae:.3f}%, electrons {pred.sum() / exact.sum() - 1:+.4%}")
     assert nmae < 1.5, nmae
     assert pred.sum() == pytest.approx(exact.sum(), rel=0.01)   # the same points' electron count within 1%
+
+
+def test_evaluate_of_a_shipped_name_writes_here_not_into_the_package(tmp_path):
+    from finetune.modeldata import default_eval_out
+
+    assert default_eval_out("qm9-density", "test") == Path("eval_qm9-density_test")
+    assert default_eval_out(tmp_path / "run", "val") == tmp_path / "run" / "eval_val"

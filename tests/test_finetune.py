@@ -180,6 +180,19 @@ def test_evaluate_writes_metrics_and_parity_plots(trained_qm9, qm9_shards, tmp_p
     assert float(table["gap_Ha"]["mae"]) == m["targets"]["gap_Ha"]["mae"] and int(table["U0_Ha"]["count"]) == 300
 
 
+def test_evaluate_limit_scores_the_first_records_of_the_split(trained_qm9, qm9_shards, tmp_path):
+    from finetune.modeldata import split_indices
+
+    full = evaluate(trained_qm9, qm9_shards, "test", tmp_path / "full")
+    some = evaluate(trained_qm9, qm9_shards, "test", tmp_path / "some", limit=7)
+    assert some["records"] == 7 and full["records"] > 7
+    first = list(csv.DictReader(open(tmp_path / "full" / "predictions.csv")))[:7]
+    assert [r["id"] for r in csv.DictReader(open(tmp_path / "some" / "predictions.csv"))] == [r["id"] for r in first]
+    assert split_indices(qm9_shards, "all", 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(MolmatError, match="--limit"):
+        split_indices(qm9_shards, "test", 0)
+
+
 def test_evaluate_cli_writes_resolved_config_and_same_metrics(trained_qm9, qm9_shards, tmp_path):
     out = tmp_path / "ev_cli"
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", str(trained_qm9), "--data", str(qm9_shards),
