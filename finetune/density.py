@@ -301,6 +301,11 @@ def densities_at(model: DensityModel, record: dict[str, Any], points: np.ndarray
                  encoded: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Predicted density (and baseline) of one structure at any points.
 
+    On a CPU with ``torch.get_num_threads() = T > 1`` the points are split into blocks that T
+    Python threads evaluate side by side, each running torch on one thread (the chunks are
+    independent, so the result is the same): a probe chunk's tensors are too small for torch's
+    own intra-op threads to keep two cores busy.
+
     Args:
         model: a density model (eval mode, on ``device``).
         record: a shard record with ``pos`` (and ``cell`` for a crystal).
@@ -314,15 +319,32 @@ def densities_at(model: DensityModel, record: dict[str, Any], points: np.ndarray
         graph = collate([without_grid(record)]).to(device)
         encoded = graph, model.atom_states(graph)
     graph, states = encoded
-    pred, base = [], []
-    for s in range(0, len(points), _POINT_BLOCK):
-        probes = make_probes([points[s:s + _POINT_BLOCK]], [record[R.POS]], [record.get(R.CELL)],
-                             model.probe_radius).to(device)
-        p, b = model.probe_densities(graph, states, probes, parts=True)
-        pred.append(p.double().cpu().numpy())
-        base.append(b.double().cpu().numpy())
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-    return cat(pred), cat(base)
+    n = len(points)
+    workers = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    block = _POINT_BLOCK if workers == 1 else max(model.predict_chunk, min(_POINT_BLOCK, -(-n // (4 * workers))))
+    blocks = [(s, min(s + block, n)) for s in range(0, n, block)]
+
+    def run(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():  # grad mode is per thread
+            probes = make_probes([points[span[0]:span[1]]], [record[R.POS]], [record.get(R.CELL)],
+                                 model.probe_radius).to(device)
+            p, b = model.probe_densities(graph, states, probes, parts=True)
+            return p.double().cpu().numpy(), b.double().cpu().numpy()
+
+    if workers > 1 and len(blocks) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(run, blocks))
+        finally:
+            torch.set_num_threads(workers)
+    else:
+        results = [run(b) for b in blocks]
+    if not results:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
 #: Fine grid points handled at once by :func:`predict_on_grid` (positions, interpolation, search).

@@ -431,3 +431,23 @@ def test_baseline_at_is_the_sum_of_free_atoms_including_lattice_images(records):
     periodic = {**rec, R.CELL: cell.astype(np.float32)}
     images = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=np.float64) @ cell
     np.testing.assert_allclose(baseline_at(model, periodic, points), brute(images), rtol=1e-4, atol=1e-8)
+
+
+def test_threaded_prediction_gives_the_single_thread_result(records):
+    from finetune.density import densities_at
+
+    model = _model("painn")
+    rec = records[0]
+    points = np.concatenate(_probes([rec], 400))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, base_one = densities_at(model, rec, points)
+        torch.set_num_threads(3)
+        three, base_three = densities_at(model, rec, points)
+        assert torch.get_num_threads() == 3            # restored after the worker threads
+    finally:
+        torch.set_num_threads(threads)
+    # blocks differ, so a probe's edges may be summed in another order: float rounding only
+    np.testing.assert_allclose(three, one, rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(base_three, base_one, rtol=2e-6, atol=1e-9)
