@@ -221,8 +221,12 @@ def model_facts(run: str, shards: Path) -> dict[str, Any]:
     facts["shards"] = {"path": str(shards), "records": len(metas), "train": len(split["train"]),
                        "val": len(split["val"]), "test": len(test), "split_method": split.get("method"),
                        "split_seed": split.get("seed")}
+    from pipeline.checkpoint import data_identity
+
     trained_on = Path(cfg["trained_on"]) if cfg.get("trained_on") else None
-    same = trained_on is not None and trained_on.resolve() == shards.resolve()
+    # the same shards by path, or by content (a shipped model names its data in words, with its identity)
+    same = (trained_on is not None and trained_on.resolve() == shards.resolve()) or \
+        (cfg.get("data") is not None and cfg["data"] == data_identity(shards))
     held: dict[str, Any] = {"same_shards": same}
     seen_ids: set[str] = set()
     seen_smiles: set[str] = set()
@@ -482,9 +486,11 @@ def pyscf_molecule(runner: Runner, run: str, shards: Path, rec: dict[str, Any], 
         cmd = [MOLMAT, "density-labels", str(xyz), "--out", str(out), "--workers", "1", "--threads", str(t)]
         timing_file = out / "bench_timing.json"
         entry = _last_label(out)
-        if timing_file.exists() and entry and (out / entry["cube"]).exists():
+        timing = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+        # reused only when made by this very command (an older one ran density-labels' own thread layout)
+        if timing.get("cmd") == _shown(cmd) and entry and (out / entry["cube"]).exists():
             runner.record("pyscf", cmd, {"OMP_NUM_THREADS": str(t)}, reused=True)
-            return json.loads(timing_file.read_text()), entry
+            return timing, entry
         if out.exists():
             shutil.rmtree(out)   # a half-done labelling of ours: its time would not be the whole command's
         log(f"pyscf: density-labels {rid} ({t} thread(s))")
@@ -494,7 +500,8 @@ def pyscf_molecule(runner: Runner, run: str, shards: Path, rec: dict[str, Any], 
         if call["rc"] != 0 or not entry or not (out / entry["cube"]).exists():
             failures = (out / "failures.jsonl").read_text() if (out / "failures.jsonl").exists() else ""
             return {"id": rid, "error": f"density-labels failed (exit {call['rc']}) {failures.strip()[:300]}; log {logf}"}
-        timing = {"wall_s": call["wall_s"], "cpu_s": call["cpu_s"], "loadavg_start": load, "threads_env": t}
+        timing = {"wall_s": call["wall_s"], "cpu_s": call["cpu_s"], "loadavg_start": load, "threads_env": t,
+                  "cmd": _shown(cmd)}
         timing_file.write_text(json.dumps(timing))
         return timing, entry
 
@@ -870,10 +877,11 @@ def write_report(res: dict[str, Any], results: Path) -> None:
                       + (f", first {base.get('eval_limit')} molecules only" if base.get("eval_limit") else "") + ".", ""]
     if py:
         lines += [f"## 3. Speed against PySCF ({py['molecules']} test molecules spread evenly over the test split)", "",
-                  "Each molecule: its atoms (from the shard record, Angstrom) as an xyz file; `molmat density-labels` "
-                  f"with OMP_NUM_THREADS={py['threads']} (the project's default settings; density-labels runs every "
-                  "molecule in a worker process with one thread, so the SCF uses one core); then `molmat predict RUN "
-                  "--grid-like` on the fresh cube. Whole-command times include process start-up and imports (PySCF: "
+                  "Each molecule: its atoms (from the shard record, Angstrom) as an xyz file; `molmat density-labels "
+                  f"--workers 1 --threads {py['threads']}` (the project's default settings, one worker process with "
+                  f"{py['threads']} thread(s)) and again with `--threads 1`; then `molmat predict RUN --grid-like` on "
+                  "the fresh cube, each variant compared with PySCF on as many threads as it had. Whole-command "
+                  "times include process start-up and imports (PySCF: "
                   "also the worker's spawn); compute times are the SCF and grid seconds density-labels records in "
                   "labels.jsonl, and the 'model evaluation' seconds predict prints (encoding, probe graph, network, "
                   "interpolation; not loading the model or writing the cube).", ""]

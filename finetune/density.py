@@ -267,7 +267,8 @@ def finetune_density(data: str | Path, out: str | Path, config: Config, init: st
     meta = {"model": model.describe(), "density": dcfg.model_dump(mode="json"), "content": facts["content"],
             "featurization": manifest["featurization"], "preprocess": manifest["preprocess"],
             "elements": sorted(load_stats(data)["elements"]), "trained_on": str(Path(data).resolve()),
-            "split": {k: split[k] for k in ("method", "seed")}, "init": str(init) if init else None, "kinds": kinds,
+            "data": identity["data"], "split": {k: split[k] for k in ("method", "seed")},
+            "init": str(init) if init else None, "kinds": kinds,
             "units": {"density": "e/bohr^3", "positions": "Angstrom"}}
     if rank == 0:
         write_resolved(config, out)

@@ -155,7 +155,8 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
             "finetune": fcfg.model_dump(mode="json"), "featurization": manifest["featurization"],
             "preprocess": manifest["preprocess"],
             "elements": sorted(stats["elements"]),
-            "trained_on": str(Path(data).resolve()), "split": {k: split[k] for k in ("method", "seed")},
+            "trained_on": str(Path(data).resolve()), "data": identity["data"],
+            "split": {k: split[k] for k in ("method", "seed")},
             "init": str(init) if init else None, "kinds": kinds}
     if rank == 0:
         write_resolved(config, out)

@@ -51,8 +51,8 @@ once per chunk. Without gradients (evaluation, prediction on full grids) that bo
 each layer's filter ``W`` comes from a :class:`pipeline.models.radial_table.RadialTable` (the MLP
 evaluated once on 515 distances, cubic interpolation, ~1e-6 of the MLP) in chunks of
 ``predict_chunk``; a training batch keeps every chunk for the backward pass. Measured on one thread,
-a whole-grid prediction of a QM9 molecule with the shipped PaiNN-128 model (stride 2, 41k network
-points) took 4.9 s before the tables and per-chunk tensors and 3.0 s after.
+a whole-grid prediction of a QM9 molecule with a PaiNN-128 model (stride 2, 41k network points)
+took 4.9 s before the tables and per-chunk tensors and 3.0 s after.
 
 Units: positions and cutoffs in Angstrom, densities in e/bohr^3.
 """
