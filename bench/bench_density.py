@@ -293,15 +293,24 @@ def eval_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def in_process_model(run: str, threads: int, cache_file: Path) -> tuple[Any, Any, str, dict[str, Any]]:
+    """For a step run in this process: torch on ``threads`` threads, the model (CPU) with its density
+    settings and :func:`model_stamp`, and the step's cache of finished results (a dict, empty if new)."""
+    import torch
+
+    from finetune.density import density_settings
+    from pipeline.checkpoint import DENSITY_MODEL, load_model_dir
+
+    torch.set_num_threads(threads)
+    model = load_model_dir(run, [DENSITY_MODEL], "cpu")
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    return model, density_settings(model), model_stamp(run), cache
+
+
 def run_evaluation(runner: Runner, step: str, run: str, shards: Path, out: Path, threads: int, limit: int | None,
                    logf: Path) -> dict[str, Any]:
     """``molmat evaluate`` on the test split (or its first ``limit`` molecules), reused when complete."""
-    from pipeline.checkpoint import resolve_model_dir
-
-    model_dir = resolve_model_dir(run)
-    weights = max((p.stat().st_mtime for p in model_dir.iterdir() if p.is_file()), default=0.0)
-    stamp = {"model_dir": str(model_dir.resolve()), "weights_mtime": weights, "shards": str(shards.resolve()),
-             "split": "test", "limit": limit}
+    stamp = {"model": model_stamp(run), "shards": str(shards.resolve()), "split": "test", "limit": limit}
     stamp_file, metrics_file = out / "bench_stamp.json", out / "metrics.json"
     cmd = [MOLMAT, "evaluate", run, "--data", str(shards), "--split", "test", "--out", str(out),
            "--set", f"train.threads={threads}"] + (["--limit", str(limit)] if limit is not None else [])
@@ -332,20 +341,15 @@ def direct_subset(runner: Runner, run: str, shards: Path, k: int, threads: int, 
                   eval_structures: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The first ``k`` test molecules at grid strides 1, 2 and 3 (in this process, ``threads`` threads)."""
     import numpy as np
-    import torch
 
-    from finetune.density import density_settings, predict_on_grid
+    from finetune.density import predict_on_grid
     from pipeline import records as R
-    from pipeline.checkpoint import DENSITY_MODEL, load_model_dir
+    from pipeline.cube import BOHR_ANGSTROM
     from pipeline.shards import ShardDataset
     from pipeline.splits import load_split
 
-    torch.set_num_threads(threads)
-    stamp = model_stamp(run)
     cache_file = work / "direct_subset.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    model = load_model_dir(run, [DENSITY_MODEL], "cpu")
-    settings = density_settings(model)
+    model, settings, stamp, cache = in_process_model(run, threads, cache_file)
     strides = sorted({1, 2, 3, settings.grid_stride})
     test = list(load_split(shards)["test"])[:k]
     ds = ShardDataset(shards, test)
@@ -356,7 +360,7 @@ def direct_subset(runner: Runner, run: str, shards: Path, k: int, threads: int, 
         rec = ds[i]
         rid = str(rec[R.ID])
         true = np.asarray(rec[R.GRID_VALUES], dtype=np.float64)
-        voxel = abs(float(np.linalg.det(np.asarray(rec[R.GRID_AXES], dtype=np.float64)))) / 0.529177210903 ** 3
+        voxel = abs(float(np.linalg.det(np.asarray(rec[R.GRID_AXES], dtype=np.float64)))) / BOHR_ANGSTROM ** 3
         for stride in strides:
             key = f"{rid}|{stride}|{threads}|{settings.direct_radius}|{stamp}"
             if key not in cache:
@@ -623,19 +627,14 @@ def pyscf_step(runner: Runner, run: str, shards: Path, n: int, threads: int, wor
 def reference_step(runner: Runner, run: str, threads: int, work: Path, seen_smiles: set[str]) -> dict[str, Any]:
     """The model on the real reference densities of REF_DIR (in this process)."""
     import numpy as np
-    import torch
 
-    from finetune.density import baseline_at, density_settings, predict_on_grid
-    from pipeline.checkpoint import DENSITY_MODEL, load_model_dir
+    from finetune.density import baseline_at, predict_on_grid
     from pipeline.config import PreprocessConfig
+    from pipeline.cube import BOHR_ANGSTROM, voxel_volume_bohr3
     from pipeline.density_data import density_record, electron_count, grid_positions, read_density
 
-    torch.set_num_threads(threads)
-    stamp = model_stamp(run)
     cache_file = work / "reference.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    model = load_model_dir(run, [DENSITY_MODEL], "cpu")
-    settings = density_settings(model)
+    model, settings, stamp, cache = in_process_model(run, threads, cache_file)
     pre = json.loads(json.dumps(model.meta.get("preprocess", {}) or {}))
     pre.setdefault("molecule", {})["conformers"] = 0
     cfg = PreprocessConfig.model_validate({k: v for k, v in pre.items() if k in PreprocessConfig.model_fields})
@@ -650,11 +649,11 @@ def reference_step(runner: Runner, run: str, threads: int, work: Path, seen_smil
         grid = read_density(path)
         rec = density_record(grid, name, str(path), cfg)
         true = np.asarray(grid.values, dtype=np.float64).reshape(-1)
-        voxel = abs(float(np.linalg.det(grid.axes))) / 0.529177210903 ** 3
+        voxel = voxel_volume_bohr3(grid)
         row: dict[str, Any] = {
             "name": name, "what": what, "path": str(path), "content": grid.content, "smiles": rec.get("_smiles"),
             "atoms": int(len(grid.z)), "sum_z": int(grid.z.sum()), "shape": [int(n) for n in grid.shape],
-            "points": int(true.size), "spacing_bohr": [float(np.linalg.norm(a)) / 0.529177210903 for a in grid.axes],
+            "points": int(true.size), "spacing_bohr": [float(np.linalg.norm(a)) / BOHR_ANGSTROM for a in grid.axes],
             "electrons_reference": electron_count(grid),
             "in_training_set": (rec.get("_smiles") in seen_smiles) if seen_smiles else None, "strides": {}}
         for stride in strides:

@@ -38,7 +38,7 @@ class RadialTable:
     def __init__(self, cutoff: float, intervals: int = 512) -> None:
         self.cutoff, self.intervals = float(cutoff), int(intervals)
         self.h = self.cutoff / self.intervals
-        self._rows: Tensor | None = None
+        self._nodes: Tensor | None = None
         self._stamp: tuple[int, ...] | None = None
 
     def nodes(self, fn: Callable[[Tensor], Tensor], module: nn.Module, like: Tensor) -> Tensor:
@@ -51,13 +51,13 @@ class RadialTable:
         """
         params = list(module.parameters())
         stamp = tuple(p._version for p in params) + tuple(id(p) for p in params)
-        if (self._rows is None or self._stamp != stamp or self._rows.device != like.device
-                or self._rows.dtype != like.dtype):
+        if (self._nodes is None or self._stamp != stamp or self._nodes.device != like.device
+                or self._nodes.dtype != like.dtype):
             with torch.no_grad():
                 d = (torch.arange(self.intervals + 3, device=like.device, dtype=like.dtype) - 1) * self.h
-                self._rows = fn(d).contiguous()
+                self._nodes = fn(d).contiguous()
             self._stamp = stamp
-        return self._rows
+        return self._nodes
 
     def __call__(self, d: Tensor, fn: Callable[[Tensor], Tensor], module: nn.Module) -> Tensor:
         """(E,) distances -> (E, C) interpolated values of ``fn`` (no gradient; see :meth:`nodes`)."""
