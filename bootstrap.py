@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -56,12 +57,33 @@ def ensure_environment() -> Path:
     if STAMP.exists() and STAMP.read_text() == fingerprint:
         return py
     print("bootstrap: installing molmat and its pinned stack (torch is ~5 GB; a few minutes)", flush=True)
+    free = _free_gb()
+    if free < INSTALL_GB:
+        print(f"bootstrap: warning: {free:.1f} GB free on the disk of {VENV}; the install needs about "
+              f"{INSTALL_GB:.0f} GB (torch 2.2.1 brings its CUDA libraries)", file=sys.stderr, flush=True)
     pip = [str(py), "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run(pip + ["install", "-q", "setuptools<70", "wheel"], check=True)
-    # the density extra (PySCF) too: its label generator is tested against reference densities
-    subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev,density]"], check=True)
+    try:
+        subprocess.run(pip + ["install", "-q", "setuptools<70", "wheel"], check=True)
+        # the density extra (PySCF) too: its label generator is tested against reference densities
+        subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev,density]"],
+                       check=True)
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"bootstrap: pip failed (exit {err.returncode}); {_free_gb():.1f} GB free on the disk of {VENV} "
+                 f"(the install needs about {INSTALL_GB:.0f} GB). Run `python3.11 bootstrap.py setup` again "
+                 "once the cause above is fixed: it resumes.")
     STAMP.write_text(fingerprint)
     return py
+
+
+#: Disk the install needs, GB: the finished .venv is 5.9 GB (torch 1.5, its CUDA libraries 2.8, triton
+#: 0.4), plus pip's unpacking space. Measured on 2026-11-24; a CI run on a full disk died in pip with
+#: "No space left on device", which this makes plain.
+INSTALL_GB = 8.0
+
+
+def _free_gb() -> float:
+    """Free space (GB) on the file system that holds the virtual environment."""
+    return shutil.disk_usage(ROOT).free / 1e9
 
 
 def main(argv: list[str]) -> int:

@@ -366,7 +366,8 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
     splines, and the points within ``direct_radius`` of an atom (periodic images included) are
     evaluated directly, since only the cusps at the nuclei are too sharp for the coarse grid.
     Away from nuclei the density is a smooth sum of decaying exponentials, whose logarithm a
-    cubic spline follows closely. Measured on a held-out QM9 cube (PaiNN 128, 0.25 bohr grid):
+    cubic spline follows closely (:mod:`pipeline.coarse_grid` evaluates the spline axis by axis and
+    finds the points near nuclei from each atom's box of grid indices). Measured on a held-out QM9 cube (PaiNN 128, 0.25 bohr grid):
     s = 2 with 1.0 A changed the NMAE against direct evaluation by 0.017% (22% of the network
     evaluations, 3.7x faster), s = 3 by 0.079% (13%, 6x); without the direct points near nuclei,
     by 0.2% and 0.9%.
@@ -382,7 +383,9 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
         (G,) float64 density in e/bohr^3 in C order of ``shape``, and ``{"network_points",
         "direct_points", "coarse_points", "stride", "direct_radius"}``.
     """
-    from scipy.ndimage import map_coordinates, spline_filter
+    from scipy.ndimage import spline_filter
+
+    from pipeline.coarse_grid import coarse_shape, points_near_atoms, upsample
 
     shape = tuple(int(n) for n in np.asarray(shape).reshape(3))
     origin = np.asarray(origin, dtype=np.float64).reshape(3)
@@ -408,24 +411,18 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
             out[start:start + len(idx)] = at(idx)
         info["network_points"] = total
         return out, info
-    coarse_shape = tuple((n - 1 + stride - 1) // stride + 1 for n in shape)
-    coarse_idx = np.stack(np.unravel_index(np.arange(int(np.prod(coarse_shape))), coarse_shape), axis=1) * stride
+    cshape = coarse_shape(shape, stride)
+    coarse_idx = np.stack(np.unravel_index(np.arange(int(np.prod(cshape))), cshape), axis=1) * stride
     coarse = np.empty(len(coarse_idx), dtype=np.float64)
     for start in range(0, len(coarse_idx), _FINE_CHUNK):
         coarse[start:start + _FINE_CHUNK] = at(coarse_idx[start:start + _FINE_CHUNK].astype(np.float64))
-    coeffs = spline_filter(np.log(np.maximum(coarse, _LOG_FLOOR)).reshape(coarse_shape), order=3, mode="nearest")
-    pos = np.asarray(record[R.POS], dtype=np.float64).reshape(-1, 3)
-    cell = record.get(R.CELL)
-    direct = 0
-    for start in range(0, total, _FINE_CHUNK):
-        idx = fine_indices(start)
-        values = np.exp(map_coordinates(coeffs, (idx / stride).T, order=3, mode="nearest", prefilter=False))
-        near = np.unique(probe_graph(origin + idx @ axes, pos, float(direct_radius), cell)[0]) \
-            if direct_radius > 0 else np.zeros(0, dtype=np.int64)
-        if len(near):
-            values[near] = at(idx[near])
-        out[start:start + len(idx)] = values
-        direct += len(near)
+    coeffs = spline_filter(np.log(np.maximum(coarse, _LOG_FLOOR)).reshape(cshape), order=3, mode="nearest")
+    out[:] = np.exp(upsample(coeffs, stride, shape)).reshape(-1)
+    near = points_near_atoms(origin, axes, shape, record[R.POS], float(direct_radius), record.get(R.CELL))
+    for start in range(0, len(near), _FINE_CHUNK):
+        sel = near[start:start + _FINE_CHUNK]
+        out[sel] = at(np.stack(np.unravel_index(sel, shape), axis=1).astype(np.float64))
+    direct = len(near)
     info.update(coarse_points=len(coarse_idx), direct_points=direct, network_points=len(coarse_idx) + direct)
     return out, info
 

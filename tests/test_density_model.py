@@ -451,3 +451,21 @@ def test_threaded_prediction_gives_the_single_thread_result(records):
     # blocks differ, so a probe's edges may be summed in another order: float rounding only
     np.testing.assert_allclose(three, one, rtol=2e-6, atol=1e-9)
     np.testing.assert_allclose(base_three, base_one, rtol=2e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("encoder", ["painn", "schnet"])
+def test_per_atom_tables_give_the_shared_tables_densities(records, encoder, monkeypatch):
+    """Inference folds each atom's phi(s) into its own filter table (same function, since the
+    interpolation is linear); past the size limit it uses the shared table: both agree, and both
+    agree with the filter MLP."""
+    import pipeline.models.density as dm
+
+    model = _model(encoder)
+    points = _probes(records, 80)
+    trained = _densities(model, records, points).detach()
+    with torch.no_grad():
+        per_atom = _densities(model, records, points)
+        monkeypatch.setattr(dm, "PER_ATOM_TABLE_FLOATS", 0)
+        shared = _densities(model, records, points)
+    np.testing.assert_allclose(per_atom.numpy(), shared.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(shared.numpy(), trained.numpy(), rtol=1e-5, atol=1e-7)

@@ -59,17 +59,38 @@ class RadialTable:
             self._stamp = stamp
         return self._nodes
 
-    def __call__(self, d: Tensor, fn: Callable[[Tensor], Tensor], module: nn.Module) -> Tensor:
-        """(E,) distances -> (E, C) interpolated values of ``fn`` (no gradient; see :meth:`nodes`)."""
-        nodes = self.nodes(fn, module, d)
+    def coefficients(self, d: Tensor) -> tuple[Tensor, Tensor]:
+        """Where and how each distance reads the table: the first of its 4 nodes and their weights.
+
+        Args:
+            d: (E,) distances, Angstrom.
+        Returns:
+            k (E,) int64, row of the first node (rows ``k .. k + 3`` are read), and (4, E, 1)
+            cubic Lagrange weights. They depend on the distances only, so every table of the same
+            grid (each layer's, each atom's) shares them.
+        """
         t = d / self.h
         k = t.floor().long().clamp_(0, self.intervals - 1)
         x = (t - k).unsqueeze(-1)
         xm, x1, x2 = x + 1, x - 1, x - 2
-        # four gathers from the compact (K + 3, C) table: with C = 512 channels 1.5-3x faster than
-        # one gather of pre-stacked (K, 4, C) rows and a batched product (less to keep in cache)
-        out = nodes.index_select(0, k) * (-x * x1 * x2 / 6)
-        out.addcmul_(nodes.index_select(0, k + 1), xm * x1 * x2 / 2)
-        out.addcmul_(nodes.index_select(0, k + 2), -xm * x * x2 / 2)
-        out.addcmul_(nodes.index_select(0, k + 3), xm * x * x1 / 6)
+        return k, torch.stack([-x * x1 * x2 / 6, xm * x1 * x2 / 2, -xm * x * x2 / 2, xm * x * x1 / 6])
+
+    @staticmethod
+    def interpolate(rows: Tensor, first: Tensor, weights: Tensor) -> Tensor:
+        """(E, C) sum of ``weights[j] * rows[first + j]`` over j = 0..3.
+
+        Args:
+            rows: (R, C) node values (one table, or several stacked: ``first`` then carries the offset).
+            first: (E,) int64 row of each edge's first node. weights: (4, E, 1) from :meth:`coefficients`.
+        """
+        # four gathers from the compact table: with C = 512 channels 1.5-3x faster than one gather
+        # of pre-stacked (K, 4, C) rows and a batched product (less to keep in cache)
+        out = rows.index_select(0, first) * weights[0]
+        for j in range(1, 4):
+            out.addcmul_(rows.index_select(0, first + j), weights[j])
         return out
+
+    def __call__(self, d: Tensor, fn: Callable[[Tensor], Tensor], module: nn.Module) -> Tensor:
+        """(E,) distances -> (E, C) interpolated values of ``fn`` (no gradient; see :meth:`nodes`)."""
+        k, weights = self.coefficients(d)
+        return self.interpolate(self.nodes(fn, module, d), k, weights)
