@@ -550,7 +550,7 @@ def cmd_density_labels(args: argparse.Namespace) -> int:
     summary = generate(args.inputs, args.out, cfg, fmt=args.format or "auto", retry_failed=args.retry_failed)
     per_mol = f", {summary.scf_seconds / summary.computed:.1f} s SCF per molecule" if summary.computed else ""
     print(f"density-labels: {summary.computed} computed, {summary.failed} failed, {summary.skipped} skipped "
-          f"(finished or failed before) in {summary.seconds:.0f} s{per_mol}; cubes and {LABELS} in {summary.out}")
+          f"(finished or failed before) in {summary.seconds:.0f} s{per_mol}; cubes (CHGCAR for crystals) and {LABELS} in {summary.out}")
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  failed: {n} x {reason}")
     if summary.failed:

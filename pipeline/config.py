@@ -432,6 +432,24 @@ class DensityLabelsConfig(_Section):
                          "shared out among the workers, at least 1")
     start: int = Field(0, ge=0, description="skip the first K input records")
     limit: int | None = Field(None, ge=1, description="label at most N records (after start); null = all")
+    crystals: bool = Field(False, description="also label crystals, with PySCF's periodic DFT (GTH "
+                           "pseudopotentials: valence density, written as <id>.CHGCAR over the cell); off: "
+                           "crystals are recorded as failures")
+    crystal_basis: str = Field("gth-dzvp", min_length=1, description="crystals: AO basis (PySCF name, for GTH "
+                               "pseudopotentials)")
+    pseudo: str = Field("gth-pbe", min_length=1, description="crystals: pseudopotential family (PySCF name)")
+    kmesh: list[int] = Field([2, 2, 2], min_length=3, max_length=3, description="crystals: Monkhorst-Pack "
+                             "k-point mesh (Gamma-centred)")
+    smearing: float = Field(0.0, ge=0, description="crystals: Fermi-Dirac smearing width (Hartree) for metals; "
+                            "0 = none (an odd electron count then fails with a reason)")
+    max_cell_atoms: int = Field(8, ge=1, description="crystals: larger cells are recorded as failures (periodic "
+                                "DFT cost grows steeply; Si, 2 atoms, takes ~1 minute on one core)")
+
+    @model_validator(mode="after")
+    def _kmesh_positive(self) -> "DensityLabelsConfig":
+        if any(k < 1 for k in self.kmesh):
+            raise ValueError(f"density_labels.kmesh must be 3 positive integers, got {self.kmesh}")
+        return self
 
 
 class CurvatureConfig(_Section):

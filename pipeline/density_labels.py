@@ -46,6 +46,7 @@ import numpy as np
 from pipeline import MolmatError, __version__
 from pipeline.config import Config, DensityLabelsConfig
 from pipeline.cube import BOHR_ANGSTROM, CubeGrid, write_cube
+from pipeline.periodic_labels import CHGCAR_SUFFIX, chgcar_comment
 
 log = logging.getLogger("molmat.density_labels")
 
@@ -56,7 +57,7 @@ CUBE_SUFFIX = ".cube"
 DM_SUFFIX = ".dm.npz"
 #: Settings that change the numbers in a cube; a rerun into a directory must agree on all of them.
 PHYSICS_KEYS = ("functional", "basis", "density_fit", "auxbasis", "grid_level", "conv_tol", "max_cycle", "charge",
-                "spin", "spacing", "margin")
+                "spin", "spacing", "margin", "crystal_basis", "pseudo", "kmesh", "smearing")
 #: Thread-count variables read by OpenMP, OpenBLAS and MKL when a worker imports numpy and PySCF.
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _LOG_EVERY_S = 30.0
@@ -396,7 +397,12 @@ def _worker_loop(jobs: Any, results: Any, settings: dict[str, Any], out_dir: str
         if job is None:
             return
         try:
-            res = {"ok": True, "entry": label_molecule(job, settings, out_dir)}
+            if job.get("cell") is not None:
+                from pipeline.periodic_labels import label_crystal
+
+                res = {"ok": True, "entry": label_crystal(job, settings, out_dir, LabelFailure)}
+            else:
+                res = {"ok": True, "entry": label_molecule(job, settings, out_dir)}
         except LabelFailure as exc:
             res = {"ok": False, "reason": str(exc)}
         except MemoryError:
@@ -589,7 +595,10 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         except json.JSONDecodeError as exc:
             raise MolmatError(f"{path}: not valid JSON ({exc}); remove it only if the cubes beside it match "
                               "your settings") from None
-        diff = [f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in PHYSICS_KEYS if theirs.get(k) != mine[k]]
+        # a directory made before a key existed was made with its default
+        defaults = DensityLabelsConfig().model_dump(mode="json")
+        theirs = {k: theirs.get(k, defaults[k]) for k in PHYSICS_KEYS}
+        diff = [f"{k}: {theirs[k]!r} there, {mine[k]!r} now" for k in PHYSICS_KEYS if theirs[k] != mine[k]]
         if diff:
             raise MolmatError(f"{out} holds density labels made with other settings ({'; '.join(diff)}); use another "
                               "--out or the same settings")
@@ -713,14 +722,18 @@ def generate(inputs: list[str | Path], out: str | Path, cfg: Config, fmt: str = 
                 continue
             seen[name] = raw.source
             cube = out / (name + CUBE_SUFFIX)
-            if cube.exists():
+            chgcar = out / (name + CHGCAR_SUFFIX)
+            if cube.exists() or chgcar.exists():
                 counts["skipped"] += 1
-                if rid not in labelled:  # killed between the cube's rename and the index line
-                    meta = _cube_comments(cube)
-                    _append(labels_path, {"id": rid, "file": raw.source, "cube": cube.name, "recovered_from_cube": True,
+                if rid not in labelled:  # killed between the label's rename and the index line
+                    done = cube if cube.exists() else chgcar
+                    meta = _cube_comments(cube) if cube.exists() else chgcar_comment(chgcar)
+                    _append(labels_path, {"id": rid, "file": raw.source, done.suffix[1:].lower(): done.name,
+                                          "recovered_from_cube": True,
                                           **{k: meta.get(k) for k in ("electrons", "electrons_dft_grid",
-                                                                      "electrons_uniform_grid", "energy_Ha",
-                                                                      "scf_seconds", "level")}})
+                                                                      "electrons_fft_mesh", "electrons_uniform_grid",
+                                                                      "energy_Ha", "scf_seconds", "level")
+                                             if k in meta}})
                     labelled.add(rid)
                 yield None
                 continue
@@ -728,8 +741,14 @@ def generate(inputs: list[str | Path], out: str | Path, cfg: Config, fmt: str = 
                 counts["skipped"] += 1
                 yield None
                 continue
-            if raw.kind != "molecule":
-                fail(raw.source, rid, f"{raw.kind}s are not supported (molecules only; periodic DFT is not done here)")
+            if raw.kind == "crystal" and not dl.crystals:
+                fail(raw.source, rid, "a crystal: periodic DFT is off (set density_labels.crystals=true for "
+                     "PySCF's periodic DFT of small cells, valence density)")
+                yield None
+                continue
+            if raw.kind not in ("molecule", "crystal"):
+                fail(raw.source, rid, f"{raw.kind}s are not supported (molecules, and crystals with "
+                     "density_labels.crystals=true)")
                 yield None
                 continue
             try:
@@ -747,13 +766,19 @@ def generate(inputs: list[str | Path], out: str | Path, cfg: Config, fmt: str = 
                 yield None
                 continue
             yield {"key": key, "id": rid, "name": name, "file": raw.source,
-                   "z": np.asarray(arrays["z"], dtype=np.int64).tolist(), "pos": np.asarray(arrays["pos"]).tolist()}
+                   "z": np.asarray(arrays["z"], dtype=np.int64).tolist(), "pos": np.asarray(arrays["pos"]).tolist(),
+                   "cell": np.asarray(arrays["cell"]).tolist() if raw.kind == "crystal" else None}
 
     workers, threads = worker_layout(dl.workers, dl.threads, dl.limit, _available_cores())
     log.info("density-labels: %s, XC grid level %d, conv_tol %g; uniform grid %g bohr, margin %g bohr; %d worker "
              "process(es) x %d thread(s); %d finished and %d failed molecule(s) already in %s",
              level_of_theory(settings), dl.grid_level, dl.conv_tol, dl.spacing, dl.margin, workers, threads,
-             len(list(out.glob("*" + CUBE_SUFFIX))), len(failed_before), out)
+             len(list(out.glob("*" + CUBE_SUFFIX))) + len(list(out.glob("*" + CHGCAR_SUFFIX))), len(failed_before), out)
+    if dl.crystals:
+        from pipeline.periodic_labels import level_of_theory as crystal_level
+
+        log.info("density-labels: crystals by periodic DFT, %s (valence density, OUT/<id>%s), cells of at most %d "
+                 "atoms", crystal_level(settings), CHGCAR_SUFFIX, dl.max_cell_atoms)
     pool = _Pool(workers, settings, out, threads)
     progress = _Progress(dl.limit)
     previous_handler = None
@@ -788,8 +813,8 @@ def generate(inputs: list[str | Path], out: str | Path, cfg: Config, fmt: str = 
                     summary.scf_seconds += res["entry"]["scf_seconds"]
                     e = res["entry"]
                     log.debug("%s: %d electrons, %.6f on the DFT grid, %.4f on the uniform grid; SCF %.1f s, grid %.1f s",
-                              e["id"], e["n_electrons"], e["electrons_dft_grid"], e["electrons_uniform_grid"],
-                              e["scf_seconds"], e["grid_seconds"])
+                              e["id"], e["n_electrons"], e.get("electrons_dft_grid", e.get("electrons_fft_mesh")),
+                              e["electrons_uniform_grid"], e["scf_seconds"], e["grid_seconds"])
                 else:
                     fail(job["file"], job["id"], res["reason"])
             progress.update(counts, advanced)
