@@ -283,6 +283,23 @@ def run_scf(z: np.ndarray, pos_angstrom: np.ndarray, settings: dict[str, Any]) -
     if settings["density_fit"]:
         mf = mf.density_fit(auxbasis=settings["auxbasis"])
     mf.grids.level = int(settings["grid_level"])
+    energy, seconds = converge(mf, settings)
+    dm = np.asarray(mf.make_rdm1())
+    if dm.ndim == 3:  # UKS: alpha and beta
+        dm = dm[0] + dm[1]
+    aux = getattr(getattr(mf, "with_df", None), "auxbasis", None) if settings["density_fit"] else None
+    return ScfResult(mol=mol, mf=mf, dm=dm, energy=energy, n_electrons=nelec, spin=int(spin), seconds=seconds,
+                     cycles=getattr(mf, "cycles", None), auxbasis=str(aux) if aux else None)
+
+
+def converge(mf: Any, settings: dict[str, Any], what: str = "SCF") -> tuple[float, float]:
+    """Run a PySCF SCF object (molecular or periodic) to convergence with the settings' threshold and cycles.
+
+    Returns:
+        (energy in Hartree, wall seconds).
+    Raises:
+        LabelFailure: PySCF raised, or the SCF did not converge (the reason names the last energy).
+    """
     mf.conv_tol = float(settings["conv_tol"])
     mf.max_cycle = int(settings["max_cycle"])
     mf.verbose = 0
@@ -290,17 +307,12 @@ def run_scf(z: np.ndarray, pos_angstrom: np.ndarray, settings: dict[str, Any]) -
     try:
         energy = float(mf.kernel())
     except Exception as exc:
-        raise LabelFailure(f"SCF failed ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise LabelFailure(f"{what} failed ({type(exc).__name__}: {str(exc)[:200]})") from None
     seconds = time.perf_counter() - t0
     if not mf.converged:
-        raise LabelFailure(f"SCF not converged in {settings['max_cycle']} cycles (conv_tol {settings['conv_tol']:g}, "
+        raise LabelFailure(f"{what} not converged in {settings['max_cycle']} cycles (conv_tol {settings['conv_tol']:g}, "
                            f"last energy {energy:.8f} Ha)")
-    dm = np.asarray(mf.make_rdm1())
-    if dm.ndim == 3:  # UKS: alpha and beta
-        dm = dm[0] + dm[1]
-    aux = getattr(getattr(mf, "with_df", None), "auxbasis", None) if settings["density_fit"] else None
-    return ScfResult(mol=mol, mf=mf, dm=dm, energy=energy, n_electrons=nelec, spin=int(spin), seconds=seconds,
-                     cycles=getattr(mf, "cycles", None), auxbasis=str(aux) if aux else None)
+    return energy, seconds
 
 
 def electrons_on_dft_grid(scf: ScfResult, chunk: int = 20000) -> float:
@@ -400,7 +412,7 @@ def _worker_loop(jobs: Any, results: Any, settings: dict[str, Any], out_dir: str
             if job.get("cell") is not None:
                 from pipeline.periodic_labels import label_crystal
 
-                res = {"ok": True, "entry": label_crystal(job, settings, out_dir, LabelFailure)}
+                res = {"ok": True, "entry": label_crystal(job, settings, out_dir)}
             else:
                 res = {"ok": True, "entry": label_molecule(job, settings, out_dir)}
         except LabelFailure as exc:

@@ -52,8 +52,7 @@ def cell_grid_shape(lattice_angstrom: np.ndarray, spacing_bohr: float) -> np.nda
     return np.maximum(np.ceil(lengths / spacing_bohr - 1e-9), 1).astype(np.int64)
 
 
-def label_crystal(job: dict[str, Any], settings: dict[str, Any], out_dir: str | Path,
-                  failure: type[Exception]) -> dict[str, Any]:
+def label_crystal(job: dict[str, Any], settings: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """Periodic SCF of one crystal and its valence density as ``OUT/<name>.CHGCAR`` (atomically).
 
     Args:
@@ -61,33 +60,35 @@ def label_crystal(job: dict[str, Any], settings: dict[str, Any], out_dir: str | 
             (3, 3) list of lattice rows, Angstrom.
         settings: a :class:`pipeline.config.DensityLabelsConfig` as a dict.
         out_dir: output directory.
-        failure: the exception type that records a reason (``density_labels.LabelFailure``).
     Returns:
         The labels.jsonl entry: electron counts, energy (Hartree per cell), timings, grid shape.
     Raises:
-        failure: too many atoms, PySCF rejects the cell (unknown pseudopotential or basis for an
-            element), an odd electron count without smearing, or no convergence.
+        pipeline.density_labels.LabelFailure: too many atoms, PySCF rejects the cell (unknown
+            pseudopotential or basis for an element), an odd electron count without smearing, or no
+            convergence.
     """
     import pyscf
     from pyscf.pbc import dft as pbc_dft
     from pyscf.pbc import gto as pbc_gto
+
+    from pipeline.density_labels import LabelFailure, converge  # not at the top: density_labels imports this module
 
     out_dir = Path(out_dir)
     z = np.asarray(job["z"], dtype=np.int64)
     pos = np.asarray(job["pos"], dtype=np.float64).reshape(-1, 3)
     lattice = np.asarray(job["cell"], dtype=np.float64).reshape(3, 3)
     if len(z) > int(settings["max_cell_atoms"]):
-        raise failure(f"{len(z)} atoms in the cell, more than density_labels.max_cell_atoms="
-                      f"{settings['max_cell_atoms']} (periodic DFT of large cells takes hours)")
+        raise LabelFailure(f"{len(z)} atoms in the cell, more than density_labels.max_cell_atoms="
+                           f"{settings['max_cell_atoms']} (periodic DFT of large cells takes hours)")
     try:
         cell = pbc_gto.Cell(atom=[[int(a), tuple(float(c) for c in p)] for a, p in zip(z, pos)], a=lattice,
                             unit="Angstrom", basis=settings["crystal_basis"], pseudo=settings["pseudo"], verbose=0)
         cell.build()
     except Exception as exc:  # PySCF raises KeyError/RuntimeError for an element without the basis or pseudo
-        raise failure(f"PySCF could not build the cell ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise LabelFailure(f"PySCF could not build the cell ({type(exc).__name__}: {str(exc)[:200]})") from None
     if cell.nelectron % 2 and not settings["smearing"]:
-        raise failure(f"{cell.nelectron} valence electrons (odd) need fractional occupations: set "
-                      "density_labels.smearing (e.g. 0.01 Hartree)")
+        raise LabelFailure(f"{cell.nelectron} valence electrons (odd) need fractional occupations: set "
+                           "density_labels.smearing (e.g. 0.01 Hartree)")
     kpts = cell.make_kpts([int(k) for k in settings["kmesh"]])
     mf = pbc_dft.KRKS(cell, kpts)
     mf.xc = settings["functional"]
@@ -95,18 +96,7 @@ def label_crystal(job: dict[str, Any], settings: dict[str, Any], out_dir: str | 
         from pyscf.pbc.scf.addons import smearing_
 
         mf = smearing_(mf, sigma=float(settings["smearing"]), method="fermi")
-    mf.conv_tol = float(settings["conv_tol"])
-    mf.max_cycle = int(settings["max_cycle"])
-    mf.verbose = 0
-    t0 = time.perf_counter()
-    try:
-        energy = float(mf.kernel())
-    except Exception as exc:
-        raise failure(f"periodic SCF failed ({type(exc).__name__}: {str(exc)[:200]})") from None
-    scf_seconds = time.perf_counter() - t0
-    if not mf.converged:
-        raise failure(f"periodic SCF not converged in {settings['max_cycle']} cycles (conv_tol "
-                      f"{settings['conv_tol']:g}, last energy {energy:.8f} Ha)")
+    energy, scf_seconds = converge(mf, settings, "periodic SCF")
     t1 = time.perf_counter()
     dm = mf.make_rdm1()
     volume_bohr3 = float(cell.vol)
