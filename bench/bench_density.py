@@ -362,12 +362,12 @@ def direct_subset(runner: Runner, run: str, shards: Path, k: int, threads: int, 
         true = np.asarray(rec[R.GRID_VALUES], dtype=np.float64)
         voxel = abs(float(np.linalg.det(np.asarray(rec[R.GRID_AXES], dtype=np.float64)))) / BOHR_ANGSTROM ** 3
         for stride in strides:
-            key = f"{rid}|{stride}|{threads}|{settings.direct_radius}|{stamp}"
+            key = f"{rid}|{stride}|{threads}|{settings.direct_radius}|{settings.direct_radius_hydrogen}|{stamp}"
             if key not in cache:
                 load = _loadavg()
                 t0 = time.perf_counter()
                 pred, info = predict_on_grid(model, rec, rec[R.GRID_ORIGIN], rec[R.GRID_AXES], rec[R.GRID_SHAPE],
-                                             stride, settings.direct_radius, "cpu")
+                                             stride, settings.direct_radius, "cpu", settings.direct_radius_hydrogen)
                 seconds = time.perf_counter() - t0
                 cache[key] = {"id": rid, "atoms": int(len(rec[R.Z])), "points": int(len(true)), "stride": stride,
                               "seconds": seconds, "abs_sum": float(np.abs(pred - true).sum()),
@@ -657,12 +657,12 @@ def reference_step(runner: Runner, run: str, threads: int, work: Path, seen_smil
             "electrons_reference": electron_count(grid),
             "in_training_set": (rec.get("_smiles") in seen_smiles) if seen_smiles else None, "strides": {}}
         for stride in strides:
-            key = f"{name}|{stride}|{threads}|{settings.direct_radius}|{stamp}"
+            key = f"{name}|{stride}|{threads}|{settings.direct_radius}|{settings.direct_radius_hydrogen}|{stamp}"
             if key not in cache:
                 load = _loadavg()
                 t0 = time.perf_counter()
                 pred, info = predict_on_grid(model, rec, grid.origin, grid.axes, grid.shape, stride,
-                                             settings.direct_radius, "cpu")
+                                             settings.direct_radius, "cpu", settings.direct_radius_hydrogen)
                 seconds = time.perf_counter() - t0
                 cache[key] = {"nmae_percent": _nmae(pred, true), "electrons_pred": float(pred.sum() * voxel),
                               "seconds": seconds, "network_points": int(info["network_points"]), "loadavg_1min": load[0]}

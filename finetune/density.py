@@ -357,7 +357,7 @@ _LOG_FLOOR = 1e-30
 @torch.no_grad()
 def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndarray, axes: np.ndarray,
                     shape: Any, stride: int = 1, direct_radius: float = 1.0, device: torch.device | str = "cpu",
-                    ) -> tuple[np.ndarray, dict[str, Any]]:
+                    direct_radius_hydrogen: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The model's density of one structure on a whole uniform grid, optionally from a coarser grid.
 
     With ``stride = 1`` the network is evaluated at every point. With ``stride = s > 1`` it is
@@ -379,6 +379,8 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
             point ``(i, j, k)`` is ``origin + (i, j, k) @ axes``, values in C order.
         stride: coarse step in grid points (1: every point directly).
         direct_radius: Angstrom; fine points this close to an atom are evaluated directly.
+        direct_radius_hydrogen: the same for hydrogen atoms (None: ``direct_radius``). A proton's
+            cusp (Z = 1) is 6-9x gentler than those of C, N, O, so the spline reaches closer.
     Returns:
         (G,) float64 density in e/bohr^3 in C order of ``shape``, and ``{"network_points",
         "direct_points", "coarse_points", "stride", "direct_radius"}``.
@@ -418,7 +420,10 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
         coarse[start:start + _FINE_CHUNK] = at(coarse_idx[start:start + _FINE_CHUNK].astype(np.float64))
     coeffs = spline_filter(np.log(np.maximum(coarse, _LOG_FLOOR)).reshape(cshape), order=3, mode="nearest")
     out[:] = np.exp(upsample(coeffs, stride, shape)).reshape(-1)
-    near = points_near_atoms(origin, axes, shape, record[R.POS], float(direct_radius), record.get(R.CELL))
+    radii = np.full(len(record[R.Z]), float(direct_radius))
+    if direct_radius_hydrogen is not None:
+        radii[np.asarray(record[R.Z]) == 1] = float(direct_radius_hydrogen)
+    near = points_near_atoms(origin, axes, shape, record[R.POS], radii, record.get(R.CELL))
     for start in range(0, len(near), _FINE_CHUNK):
         sel = near[start:start + _FINE_CHUNK]
         out[sel] = at(np.stack(np.unravel_index(sel, shape), axis=1).astype(np.float64))
@@ -553,7 +558,7 @@ def evaluate_density(run: str | Path, data: str | Path, split: str = "test", out
         rec = ds[i]
         true = np.asarray(rec[R.GRID_VALUES], dtype=np.float64)
         pred, info = predict_on_grid(model, rec, rec[R.GRID_ORIGIN], rec[R.GRID_AXES], rec[R.GRID_SHAPE], stride,
-                                     direct_radius, device)
+                                     direct_radius, device, settings.direct_radius_hydrogen)
         network_points += info["network_points"]
         base = baseline_at(model, rec, grid_positions(rec, np.arange(len(true))), device) if baseline else 0.0 * true
         err = pred - true

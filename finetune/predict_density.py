@@ -392,7 +392,8 @@ def predict_points(model: DensityModel, record: dict[str, Any], points: np.ndarr
 
 
 def predict_grid(model: DensityModel, record: dict[str, Any], origin: np.ndarray, axes: np.ndarray, shape: np.ndarray,
-                 device: torch.device | str = "cpu", stride: int = 1, direct_radius: float = 1.0
+                 device: torch.device | str = "cpu", stride: int = 1, direct_radius: float = 1.0,
+                 direct_radius_hydrogen: float | None = None
                  ) -> tuple[np.ndarray, float]:
     """The model's density of one structure on a regular grid (:func:`finetune.density.predict_on_grid`).
 
@@ -410,7 +411,8 @@ def predict_grid(model: DensityModel, record: dict[str, Any], origin: np.ndarray
     """
     shape = tuple(int(n) for n in np.asarray(shape).reshape(3))
     t0 = time.perf_counter()
-    values, _ = predict_on_grid(model, record, origin, axes, shape, stride, direct_radius, torch.device(device))
+    values, _ = predict_on_grid(model, record, origin, axes, shape, stride, direct_radius, torch.device(device),
+                                direct_radius_hydrogen)
     return values.reshape(shape), time.perf_counter() - t0
 
 
@@ -568,7 +570,8 @@ def predict_density(run: str | Path, inputs: Sequence[str | Path], out: str | Pa
             if n_points > MAX_GRID_POINTS:
                 raise MolmatError(f"the grid would have {n_points:,} points (shape {'x'.join(map(str, shape))}), "
                                   f"more than {MAX_GRID_POINTS:,}; use a larger --grid-spacing (Angstrom)")
-            values, seconds = predict_grid(model, rec, origin, axes, shape, device, stride, settings.direct_radius)
+            values, seconds = predict_grid(model, rec, origin, axes, shape, device, stride, settings.direct_radius,
+                                           settings.direct_radius_hydrogen)
         except MolmatError as exc:
             message = _with_source(rec, str(exc))
             if not to_dir:

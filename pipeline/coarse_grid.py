@@ -93,13 +93,14 @@ def _image_shifts(origin: np.ndarray, axes: np.ndarray, shape: tuple[int, int, i
 
 
 def points_near_atoms(origin: np.ndarray, axes: np.ndarray, shape: tuple[int, int, int], pos: np.ndarray,
-                      radius: float, cell: np.ndarray | None = None) -> np.ndarray:
+                      radius: float | np.ndarray, cell: np.ndarray | None = None) -> np.ndarray:
     """Flat (C-order) indices of the grid points closer than ``radius`` to an atom.
 
     Args:
         origin: (3,) Angstrom. axes: (3, 3) grid steps as rows, Angstrom. shape: points per axis.
         pos: (N, 3) atom positions, Angstrom.
-        radius: Angstrom; the rule is exactly ``distance < radius`` (as :func:`probe_graph`).
+        radius: Angstrom, one for every atom or (N,) per atom (0: none near that atom); the rule is
+            exactly ``distance < radius`` (as :func:`probe_graph`).
         cell: (3, 3) lattice rows for a crystal (every periodic image of the atoms counts), or None.
     Returns:
         (M,) sorted unique int64 indices into the flattened grid.
@@ -108,16 +109,23 @@ def points_near_atoms(origin: np.ndarray, axes: np.ndarray, shape: tuple[int, in
     axes = np.asarray(axes, dtype=np.float64).reshape(3, 3)
     shape = tuple(int(n) for n in np.asarray(shape).reshape(3))
     pos = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
-    if radius <= 0 or len(pos) == 0:
+    radii = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(pos),))
+    if len(pos) == 0 or not (radii > 0).any():
         return np.zeros(0, dtype=np.int64)
-    centres = pos if cell is None else _image_shifts(origin, axes, shape, pos, float(radius),
-                                                     np.asarray(cell, dtype=np.float64).reshape(3, 3))[1]
+    if cell is None:
+        owner, centres = np.arange(len(pos)), pos
+    else:
+        owner, centres = _image_shifts(origin, axes, shape, pos, float(radii.max()),
+                                       np.asarray(cell, dtype=np.float64).reshape(3, 3))
     inv = np.linalg.inv(axes)               # grid index of x: (x - origin) @ inv
-    half = radius * np.linalg.norm(inv, axis=0)  # a ball spans +- r |inv[:, j]| in index j
+    reach = np.linalg.norm(inv, axis=0)     # a ball of radius r spans +- r |inv[:, j]| in index j
     dims = np.array(shape)
     found = []
-    r2 = float(radius) ** 2
-    for c in centres:
+    for a, c in zip(owner, centres):
+        r = float(radii[a])
+        if r <= 0:
+            continue
+        half, r2 = r * reach, r * r
         ic = (c - origin) @ inv
         lo = np.maximum(np.ceil(ic - half).astype(np.int64), 0)
         hi = np.minimum(np.floor(ic + half).astype(np.int64), dims - 1)

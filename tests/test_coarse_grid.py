@@ -79,3 +79,17 @@ def test_points_near_atoms_of_a_skewed_cell_and_a_shifted_grid():
     got = points_near_atoms(*args)
     np.testing.assert_array_equal(got, _near_by_search(*args))
     assert len(got) > 100
+
+
+def test_points_near_atoms_with_a_radius_per_atom():
+    """Hydrogens with a smaller radius than N (and one atom with none): the same set as a search at the
+    largest radius, each edge kept when it is shorter than its own atom's radius."""
+    cube = read_density(DENSITY / "nh3_psi4_density.cube.gz").cube
+    radii = np.array([1.0, 0.6, 0.6, 0.0])   # N, H, H, H
+    shape = tuple(cube.shape)
+    got = points_near_atoms(cube.origin, cube.axes, shape, cube.positions, radii)
+    idx = np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), axis=1).astype(np.float64)
+    probe, atom, _ = probe_graph(cube.origin + idx @ cube.axes, cube.positions, 1.0)
+    d = np.linalg.norm(cube.origin + idx[probe] @ cube.axes - cube.positions[atom], axis=1)
+    np.testing.assert_array_equal(got, np.unique(probe[d < radii[atom]]))
+    assert 0 < len(got) < len(points_near_atoms(cube.origin, cube.axes, shape, cube.positions, 1.0))
