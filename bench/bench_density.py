@@ -367,7 +367,8 @@ def direct_subset(runner: Runner, run: str, shards: Path, k: int, threads: int, 
                 load = _loadavg()
                 t0 = time.perf_counter()
                 pred, info = predict_on_grid(model, rec, rec[R.GRID_ORIGIN], rec[R.GRID_AXES], rec[R.GRID_SHAPE],
-                                             stride, settings.direct_radius, "cpu", settings.direct_radius_hydrogen)
+                                             stride, settings.direct_radius, "cpu", settings.direct_radius_hydrogen,
+                                             settings.max_coarse_step)
                 seconds = time.perf_counter() - t0
                 cache[key] = {"id": rid, "atoms": int(len(rec[R.Z])), "points": int(len(true)), "stride": stride,
                               "seconds": seconds, "abs_sum": float(np.abs(pred - true).sum()),
@@ -662,7 +663,8 @@ def reference_step(runner: Runner, run: str, threads: int, work: Path, seen_smil
                 load = _loadavg()
                 t0 = time.perf_counter()
                 pred, info = predict_on_grid(model, rec, grid.origin, grid.axes, grid.shape, stride,
-                                             settings.direct_radius, "cpu", settings.direct_radius_hydrogen)
+                                             settings.direct_radius, "cpu", settings.direct_radius_hydrogen,
+                                             settings.max_coarse_step)
                 seconds = time.perf_counter() - t0
                 cache[key] = {"nmae_percent": _nmae(pred, true), "electrons_pred": float(pred.sum() * voxel),
                               "seconds": seconds, "network_points": int(info["network_points"]), "loadavg_1min": load[0]}

@@ -295,6 +295,11 @@ def density_settings(model: DensityModel) -> DensityConfig:
 
 #: Points whose edges :func:`densities_at` builds at once (the model then takes them in its chunks).
 _POINT_BLOCK = 8192
+#: Narrowest model whose probe chunks :func:`densities_at` spreads over Python threads. Measured on the
+#: 2-core machine, whole QM9 cubes: PaiNN 64 took 1.69 s on 2 threads against 2.1 s on one, PaiNN 32
+#: 0.25 s against 0.21 s: its chunks are so small that the threads mostly wait for each other (the GIL),
+#: while two processes side by side each kept their one-thread speed.
+THREADED_MIN_WIDTH = 64
 
 
 @torch.no_grad()
@@ -305,7 +310,8 @@ def densities_at(model: DensityModel, record: dict[str, Any], points: np.ndarray
     On a CPU with ``torch.get_num_threads() = T > 1`` the points are split into blocks that T
     Python threads evaluate side by side, each running torch on one thread (the chunks are
     independent, so the result is the same): a probe chunk's tensors are too small for torch's
-    own intra-op threads to keep two cores busy.
+    own intra-op threads to keep two cores busy. Models narrower than :data:`THREADED_MIN_WIDTH`
+    run on one thread, which is faster for them.
 
     Args:
         model: a density model (eval mode, on ``device``).
@@ -322,6 +328,8 @@ def densities_at(model: DensityModel, record: dict[str, Any], points: np.ndarray
     graph, states = encoded
     n = len(points)
     workers = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    if model.encoder3d.node_dim < THREADED_MIN_WIDTH:
+        workers = 1
     block = _POINT_BLOCK if workers == 1 else max(model.predict_chunk, min(_POINT_BLOCK, -(-n // (4 * workers))))
     blocks = [(s, min(s + block, n)) for s in range(0, n, block)]
 
@@ -357,7 +365,8 @@ _LOG_FLOOR = 1e-30
 @torch.no_grad()
 def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndarray, axes: np.ndarray,
                     shape: Any, stride: int = 1, direct_radius: float = 1.0, device: torch.device | str = "cpu",
-                    direct_radius_hydrogen: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                    direct_radius_hydrogen: float | None = None, max_coarse_step: float | None = None
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
     """The model's density of one structure on a whole uniform grid, optionally from a coarser grid.
 
     With ``stride = 1`` the network is evaluated at every point. With ``stride = s > 1`` it is
@@ -381,6 +390,9 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
         direct_radius: Angstrom; fine points this close to an atom are evaluated directly.
         direct_radius_hydrogen: the same for hydrogen atoms (None: ``direct_radius``). A proton's
             cusp (Z = 1) is 6-9x gentler than those of C, N, O, so the spline reaches closer.
+        max_coarse_step: Angstrom; the stride is lowered until the coarse grid's longest step is at
+            most this (a stride tuned on 0.25 bohr label grids would otherwise interpolate across
+            0.75 A on a user's 0.25 A grid). None: no limit.
     Returns:
         (G,) float64 density in e/bohr^3 in C order of ``shape``, and ``{"network_points",
         "direct_points", "coarse_points", "stride", "direct_radius"}``.
@@ -394,6 +406,9 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
     axes = np.asarray(axes, dtype=np.float64).reshape(3, 3)
     total = int(np.prod(shape))
     stride = max(1, int(stride))
+    if max_coarse_step is not None and stride > 1:
+        longest = float(np.linalg.norm(axes, axis=1).max())
+        stride = max(1, min(stride, int(max_coarse_step / longest + 1e-9)))
     slim = without_grid(record)
     graph = collate([slim]).to(device)
     encoded = graph, model.atom_states(graph)
@@ -558,7 +573,8 @@ def evaluate_density(run: str | Path, data: str | Path, split: str = "test", out
         rec = ds[i]
         true = np.asarray(rec[R.GRID_VALUES], dtype=np.float64)
         pred, info = predict_on_grid(model, rec, rec[R.GRID_ORIGIN], rec[R.GRID_AXES], rec[R.GRID_SHAPE], stride,
-                                     direct_radius, device, settings.direct_radius_hydrogen)
+                                     direct_radius, device, settings.direct_radius_hydrogen,
+                                     settings.max_coarse_step)
         network_points += info["network_points"]
         base = baseline_at(model, rec, grid_positions(rec, np.arange(len(true))), device) if baseline else 0.0 * true
         err = pred - true

@@ -393,7 +393,7 @@ def predict_points(model: DensityModel, record: dict[str, Any], points: np.ndarr
 
 def predict_grid(model: DensityModel, record: dict[str, Any], origin: np.ndarray, axes: np.ndarray, shape: np.ndarray,
                  device: torch.device | str = "cpu", stride: int = 1, direct_radius: float = 1.0,
-                 direct_radius_hydrogen: float | None = None
+                 direct_radius_hydrogen: float | None = None, max_coarse_step: float | None = None
                  ) -> tuple[np.ndarray, float]:
     """The model's density of one structure on a regular grid (:func:`finetune.density.predict_on_grid`).
 
@@ -412,7 +412,7 @@ def predict_grid(model: DensityModel, record: dict[str, Any], origin: np.ndarray
     shape = tuple(int(n) for n in np.asarray(shape).reshape(3))
     t0 = time.perf_counter()
     values, _ = predict_on_grid(model, record, origin, axes, shape, stride, direct_radius, torch.device(device),
-                                direct_radius_hydrogen)
+                                direct_radius_hydrogen, max_coarse_step)
     return values.reshape(shape), time.perf_counter() - t0
 
 
@@ -571,7 +571,7 @@ def predict_density(run: str | Path, inputs: Sequence[str | Path], out: str | Pa
                 raise MolmatError(f"the grid would have {n_points:,} points (shape {'x'.join(map(str, shape))}), "
                                   f"more than {MAX_GRID_POINTS:,}; use a larger --grid-spacing (Angstrom)")
             values, seconds = predict_grid(model, rec, origin, axes, shape, device, stride, settings.direct_radius,
-                                           settings.direct_radius_hydrogen)
+                                           settings.direct_radius_hydrogen, settings.max_coarse_step)
         except MolmatError as exc:
             message = _with_source(rec, str(exc))
             if not to_dir:

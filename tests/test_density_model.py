@@ -433,9 +433,11 @@ def test_baseline_at_is_the_sum_of_free_atoms_including_lattice_images(records):
     np.testing.assert_allclose(baseline_at(model, periodic, points), brute(images), rtol=1e-4, atol=1e-8)
 
 
-def test_threaded_prediction_gives_the_single_thread_result(records):
+def test_threaded_prediction_gives_the_single_thread_result(records, monkeypatch):
+    import finetune.density as fd
     from finetune.density import densities_at
 
+    monkeypatch.setattr(fd, "THREADED_MIN_WIDTH", 1)   # the test model is 8 wide
     model = _model("painn")
     rec = records[0]
     points = np.concatenate(_probes([rec], 400))
@@ -469,3 +471,36 @@ def test_per_atom_tables_give_the_shared_tables_densities(records, encoder, monk
         shared = _densities(model, records, points)
     np.testing.assert_allclose(per_atom.numpy(), shared.numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(shared.numpy(), trained.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_whole_grid_from_a_coarse_grid_keeps_the_network_values_it_evaluates(records):
+    """predict_on_grid against densities_at at the same points: the coarse nodes and the points near
+    atoms are the network's own values (a cubic spline passes through its nodes); with every point near
+    an atom it is the stride-1 grid; a coarse step above max_coarse_step lowers the stride."""
+    from pipeline.coarse_grid import points_near_atoms
+    from finetune.density import densities_at, predict_on_grid
+
+    model = _model("painn")
+    rec = records[0]
+    axes = np.asarray(rec[R.GRID_AXES], np.float64)
+    origin = np.asarray(rec[R.POS], np.float64)[0] - 6 * axes.sum(axis=0)   # a small box around atom 0
+    shape = (14, 12, 13)
+    idx = np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), axis=1).astype(np.float64)
+    direct = densities_at(model, rec, origin + idx @ axes)[0]
+    with torch.no_grad():
+        full, info = predict_on_grid(model, rec, origin, axes, shape, 1)
+        np.testing.assert_allclose(full, direct, rtol=1e-5, atol=1e-9)
+        s2, info = predict_on_grid(model, rec, origin, axes, shape, 2, direct_radius=0.5)
+        assert info["stride"] == 2
+        node = np.all(idx % 2 == 0, axis=1)
+        np.testing.assert_allclose(s2[node], direct[node], rtol=1e-5, atol=1e-9)
+        near = points_near_atoms(origin, axes, shape, rec[R.POS], 0.5)
+        assert 0 < len(near) < len(idx) // 2 and info["direct_points"] == len(near)
+        np.testing.assert_allclose(s2[near], direct[near], rtol=1e-5, atol=1e-9)
+        everywhere, _ = predict_on_grid(model, rec, origin, axes, shape, 3, direct_radius=100.0)
+        np.testing.assert_allclose(everywhere, direct, rtol=1e-5, atol=1e-9)
+        step = float(np.linalg.norm(axes, axis=1).max())
+        capped, info = predict_on_grid(model, rec, origin, axes, shape, 3, max_coarse_step=2.5 * step)
+        assert info["stride"] == 2
+        _, info = predict_on_grid(model, rec, origin, axes, shape, 3, max_coarse_step=1.5 * step)
+        assert info["stride"] == 1

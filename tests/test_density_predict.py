@@ -376,9 +376,10 @@ def test_shipped_models_load_by_name(trained, tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------- the shipped model
+@pytest.mark.parametrize("model", ["qm9-density", "qm9-density-fast"])
 @pytest.mark.parametrize("name", ["qm9_021368.npz", "qm9_128873.npz"])
-def test_shipped_qm9_density_matches_an_exact_dft_density_of_an_unseen_molecule(name, tmp_path):
-    """qm9-density against the exact PBE/def2-SVP density (PySCF, from the density matrix, no grid)
+def test_shipped_qm9_density_matches_an_exact_dft_density_of_an_unseen_molecule(name, model, tmp_path):
+    """qm9-density (and its fast sibling) against the exact PBE/def2-SVP density (PySCF, from the density matrix, no grid)
     of QM9 molecules outside its training labels (QM9 indices 2-5949), on a box of its own making:
     the CLI writes the cube, PySCF evaluates the same points independently."""
     pytest.importorskip("pyscf", reason="PySCF is an optional extra: pip install molmat[density]")
@@ -386,13 +387,13 @@ def test_shipped_qm9_density_matches_an_exact_dft_density_of_an_unseen_molecule(
     from pipeline.elements import element_symbol
     from pipeline.shipped import shipped_models
 
-    assert "qm9-density" in shipped_models()
+    assert model in shipped_models()
     dm = load_density_matrix(DATASETS / "density" / name)
     xyz = tmp_path / "mol.xyz"
     xyz.write_text(f"{len(dm.z)}\n{name}\n" + "".join(
         f"{element_symbol(int(z))} {x!r} {y!r} {w!r}\n" for z, (x, y, w) in zip(dm.z, dm.pos_angstrom.tolist())))
     out = tmp_path / "rho.cube"
-    assert _predict("qm9-density", xyz, "--grid-spacing", 0.25, "--out", out) == 0
+    assert _predict(model, xyz, "--grid-spacing", 0.25, "--out", out) == 0
     cube = read_cube(out)
     i, j, k = np.meshgrid(*[np.arange(n) for n in cube.shape], indexing="ij")
     points = (cube.origin + i[..., None] * cube.axes[0] + j[..., None] * cube.axes[1]
@@ -401,7 +402,7 @@ def test_shipped_qm9_density_matches_an_exact_dft_density_of_an_unseen_molecule(
     pred = cube.values.reshape(-1)
     nmae = 100 * np.abs(pred - exact).sum() / exact.sum()
     # held-out QM9 test molecules: 0.23-1.0% (bench/results/density.md); the promolecule alone ~11%
-    print(f"{name}: NMAE {nmae:.3f}%, electrons {pred.sum() / exact.sum() - 1:+.4%}")
+    print(f"{model} {name}: NMAE {nmae:.3f}%, electrons {pred.sum() / exact.sum() - 1:+.4%}")
     assert nmae < 1.5, nmae
     assert pred.sum() == pytest.approx(exact.sum(), rel=0.01)   # the same points' electron count within 1%
 
