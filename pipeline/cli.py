@@ -689,8 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: run.out from the config)")
     _common(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("density-labels", help="DFT electron densities (PySCF) on grids, one cube file per molecule")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="molecule files, directories or archives (xyz, sdf, csv)")
+    p = sub.add_parser("density-labels", help="DFT electron densities (PySCF) on grids, one cube file per molecule "
+                       "(crystals with --set density_labels.crystals=true: periodic DFT, one CHGCAR each)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="molecule files, directories or archives (xyz, sdf, csv; "
+                   "cif/POSCAR/json crystals when density_labels.crystals is on)")
     p.add_argument("--out", required=True, help="output directory (cubes, labels.jsonl, failures.jsonl)")
     p.add_argument("--format", help="input format (default: detect)")
     p.add_argument("--workers", type=int, help="processes, one molecule each (default density_labels.workers; 0 = one "
