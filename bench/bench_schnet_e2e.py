@@ -7,9 +7,9 @@ script runs ``molmat finetune`` with SchNet (same width, interactions, Gaussians
 git worktree of the baseline commit and from this checkout, side by side (one torch thread each,
 started together, so both see the same machine), on the data of the fine-tuning benchmark
 (``bench/bench_finetune.py``: the first 10,000 CIFs of the MP archive, and QM9's 20k archive),
-each version preprocessing with its own code. Throughput is the fine-tuning benchmark's: graphs in
-training steps per second of the training loop minus validation and checkpoint writing
-(``timing.json``). Test MAE after the budget is reported too (more steps, lower error).
+each version preprocessing with its own code. Throughput is graphs in training steps per second of
+the whole fit, validation included (the older version writes no finer timing; see
+:func:`throughput`). Test MAE after the budget is reported too (more steps, lower error).
 
 Usage::
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -145,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
             jobs[v] = (t, ["finetune", "--data", str(shards[v]), "--out", str(runs[v]),
                            *[a for s in sets for a in ("--set", s)]])
             if runs[v].exists() and not done:
-                import shutil
-
                 shutil.rmtree(runs[v])
         load = os.getloadavg()
         if done:

@@ -46,7 +46,7 @@ import numpy as np
 from pipeline import MolmatError, __version__
 from pipeline.config import Config, DensityLabelsConfig
 from pipeline.cube import BOHR_ANGSTROM, CubeGrid, write_cube
-from pipeline.periodic_labels import CHGCAR_SUFFIX, chgcar_comment
+from pipeline.periodic_labels import CHGCAR_SUFFIX
 
 log = logging.getLogger("molmat.density_labels")
 
@@ -218,8 +218,9 @@ def parse_cube_comments(comments: list[str]) -> dict[str, str]:
     return out
 
 
-def _cube_comments(path: Path) -> dict[str, str]:
-    """Metadata of a finished cube from its first two lines only (not its values)."""
+def label_comments(path: Path) -> dict[str, str]:
+    """Metadata of a finished label from its first two lines only (not its values): a cube's two
+    comment lines, or a crystal CHGCAR's title line (its second line, the scale, has no ``=``)."""
     with open(path, encoding="utf-8", errors="replace") as fh:
         return parse_cube_comments([fh.readline(), fh.readline()])
 
@@ -735,11 +736,11 @@ def generate(inputs: list[str | Path], out: str | Path, cfg: Config, fmt: str = 
             seen[name] = raw.source
             cube = out / (name + CUBE_SUFFIX)
             chgcar = out / (name + CHGCAR_SUFFIX)
-            if cube.exists() or chgcar.exists():
+            done = next((p for p in (cube, chgcar) if p.exists()), None)
+            if done is not None:
                 counts["skipped"] += 1
                 if rid not in labelled:  # killed between the label's rename and the index line
-                    done = cube if cube.exists() else chgcar
-                    meta = _cube_comments(cube) if cube.exists() else chgcar_comment(chgcar)
+                    meta = label_comments(done)
                     _append(labels_path, {"id": rid, "file": raw.source, done.suffix[1:].lower(): done.name,
                                           "recovered_from_cube": True,
                                           **{k: meta.get(k) for k in ("electrons", "electrons_dft_grid",

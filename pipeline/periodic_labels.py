@@ -152,6 +152,7 @@ def write_chgcar(path: Path, z: np.ndarray, pos: np.ndarray, lattice: np.ndarray
     VASP's convention is ``rho * V`` with rho in e/Angstrom^3 and V the cell volume in Angstrom^3;
     :func:`pipeline.density_data.read_chgcar` undoes exactly that. The file appears under its final
     name only when complete (written to a hidden temporary name in the same directory, then renamed).
+    Its first line carries ``comment``; :func:`pipeline.density_labels.label_comments` reads it back.
 
     Args:
         z: (N,) atomic numbers. pos: (N, 3) Cartesian positions, Angstrom. lattice: (3, 3) rows, Angstrom.
@@ -172,11 +173,4 @@ def write_chgcar(path: Path, z: np.ndarray, pos: np.ndarray, lattice: np.ndarray
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def chgcar_comment(path: Path) -> dict[str, str]:
-    """The ``key=value`` tokens of a label CHGCAR's first line (its metadata), without reading the grid."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        first = fh.readline()
-    return dict(tok.split("=", 1) for tok in first.split() if "=" in tok)
 

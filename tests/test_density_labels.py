@@ -210,7 +210,7 @@ def test_crystal_label_is_a_valence_chgcar_holding_the_valence_electrons(si_labe
     from pymatgen.core import Structure
 
     from pipeline.density_data import electron_count, read_density
-    from pipeline.periodic_labels import chgcar_comment
+    from pipeline.density_labels import label_comments
 
     out = si_labels["out"]
     assert (si_labels["summary"].computed, si_labels["summary"].failed) == (1, 0)
@@ -223,7 +223,7 @@ def test_crystal_label_is_a_valence_chgcar_holding_the_valence_electrons(si_labe
     assert grid.pbc and grid.content == "valence" and grid.cube.z.tolist() == [14, 14]
     np.testing.assert_allclose(grid.cell, Structure.from_file(SI).lattice.matrix, atol=1e-5)  # CHGCAR keeps 6 decimals
     assert electron_count(grid) == pytest.approx(8.0, abs=1e-4)
-    meta = chgcar_comment(out / "si_mp-149.CHGCAR")
+    meta = label_comments(out / "si_mp-149.CHGCAR")
     assert meta["id"] == "si_mp-149" and meta["level"] == "PBE/gth-szv/gth-pbe_k1x1x1" and meta["valence"] == "1"
 
 
