@@ -9,7 +9,8 @@ cubic Lagrange weights (error ``O(h^4 W'''')``; for the probe filters, 20 Gaussi
 ``tests/test_density_model.py``). Measured on one thread with 1,500 edges (a chunk of probes): a
 64-wide filter to 256 channels took 1.76 ms as an MLP and 0.3 ms from the table; with 24,000 edges
 the gathered rows leave the cache and the table is slower than the MLP, so it pays only with
-small chunks (``DensityModel.predict_chunk``).
+small chunks (``DensityModel.predict_chunk``). The four rows of an edge are gathered, weighted and
+summed by one ``embedding_bag`` call.
 
 The table is rebuilt whenever a parameter of the function changed since it was built (an
 optimiser step or ``load_state_dict``), detected by the parameters' in-place version counters.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -65,7 +67,7 @@ class RadialTable:
         Args:
             d: (E,) distances, Angstrom.
         Returns:
-            k (E,) int64, row of the first node (rows ``k .. k + 3`` are read), and (4, E, 1)
+            k (E,) int64, row of the first node (rows ``k .. k + 3`` are read), and (E, 4)
             cubic Lagrange weights. They depend on the distances only, so every table of the same
             grid (each layer's, each atom's) shares them.
         """
@@ -73,22 +75,20 @@ class RadialTable:
         k = t.floor().long().clamp_(0, self.intervals - 1)
         x = (t - k).unsqueeze(-1)
         xm, x1, x2 = x + 1, x - 1, x - 2
-        return k, torch.stack([-x * x1 * x2 / 6, xm * x1 * x2 / 2, -xm * x * x2 / 2, xm * x * x1 / 6])
+        return k, torch.cat([-x * x1 * x2 / 6, xm * x1 * x2 / 2, -xm * x * x2 / 2, xm * x * x1 / 6], dim=1)
 
     @staticmethod
     def interpolate(rows: Tensor, first: Tensor, weights: Tensor) -> Tensor:
-        """(E, C) sum of ``weights[j] * rows[first + j]`` over j = 0..3.
+        """(E, C) sum of ``weights[:, j] * rows[first + j]`` over j = 0..3.
 
         Args:
             rows: (R, C) node values (one table, or several stacked: ``first`` then carries the offset).
-            first: (E,) int64 row of each edge's first node. weights: (4, E, 1) from :meth:`coefficients`.
+            first: (E,) int64 row of each edge's first node. weights: (E, 4) from :meth:`coefficients`.
         """
-        # four gathers from the compact table: with C = 512 channels 1.5-3x faster than one gather
-        # of pre-stacked (K, 4, C) rows and a batched product (less to keep in cache)
-        out = rows.index_select(0, first) * weights[0]
-        for j in range(1, 4):
-            out.addcmul_(rows.index_select(0, first + j), weights[j])
-        return out
+        # one fused weighted gather-and-sum: 2.7x faster on one thread than four gathers and their
+        # products for 2,600 edges x 128 channels (the four (E, C) intermediates are never written)
+        index = first.unsqueeze(1) + torch.arange(4, device=first.device)
+        return F.embedding_bag(index, rows, per_sample_weights=weights.to(rows.dtype), mode="sum")
 
     def __call__(self, d: Tensor, fn: Callable[[Tensor], Tensor], module: nn.Module) -> Tensor:
         """(E,) distances -> (E, C) interpolated values of ``fn`` (no gradient; see :meth:`nodes`)."""
