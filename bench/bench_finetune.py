@@ -1159,15 +1159,22 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {r.get('error')}")
             write_report(res, results_dir)
 
-    # parity plots of molmat evaluate (copied while the total stays < 2 MB)
+    # parity plots of molmat evaluate (copied while the total stays < 2 MB); with --update the plots
+    # of models not re-run stay (their run directories are gone), those of re-run models are replaced
     pdir = results_dir / "parity"
-    if pdir.exists():
+    fresh = {(name, model) for name in res["results"] for model, r in res["results"][name].items()
+             if "parity_dir" in r and Path(r["parity_dir"]).is_dir()}
+    if pdir.exists() and not args.update:
         shutil.rmtree(pdir)
-    pdir.mkdir(parents=True)
-    total, copied = 0, []
+    pdir.mkdir(parents=True, exist_ok=True)
+    for png in pdir.glob("*.png"):
+        if any(png.name.startswith(f"{name}_{model}_parity_") for name, model in fresh):
+            png.unlink()
+    kept = sorted(pdir.glob("*.png"))
+    total, copied = sum(p.stat().st_size for p in kept), [str(p.relative_to(results_dir)) for p in kept]
     for name in res["results"]:
         for model, r in res["results"][name].items():
-            if "parity_dir" not in r:
+            if (name, model) not in fresh:
                 continue
             for png in sorted(Path(r["parity_dir"]).glob("parity_*.png")):
                 size = png.stat().st_size
