@@ -91,7 +91,7 @@ class Message(nn.Module):
             updated ``s`` (N, F) and ``v`` (3, N, F).
         """
         x = self.phi(s).index_select(0, src) * (self.filter(radial) * envelope)
-        x_vv, x_s, x_vs = x.split(self.hidden, dim=-1)
+        x_vv, x_s, x_vs = (part.contiguous() for part in x.split(self.hidden, dim=-1))
         # component-first layout: every product below broadcasts over a leading or trailing
         # dimension, which torch's CPU kernels do ~8x faster than over the middle one of (E, 3, F)
         dv = unit * x_vs if v_zero else v.index_select(1, src) * x_vv + unit * x_vs
