@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -41,31 +40,15 @@ def child(kind: str, data: str, cutoff: float, batches: int, passes: int, tuned:
     applied = keep_freed_memory() if tuned else False
     import torch
 
-    from bench.bench_schnet import build
-    from pipeline.graphs import collate
-    from pipeline.shards import ShardDataset
+    from bench.bench_schnet import build, random_batches, train_pass
 
     torch.set_num_threads(1)
-    total = len(ShardDataset(data))
-    n = min(total, batches * 64)
-    ds = ShardDataset(data, sorted(random.Random(seed).sample(range(total), n)))
-    recs = [dict(ds[i], y=ds[i]["y"][:0]) for i in range(n)]
-    graphs = [collate(recs[i:i + 64]) for i in range(0, n, 64)]
+    graphs, _ = random_batches(data, batches, 64, seed)
     torch.manual_seed(0)
     net = build(kind, cutoff)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-    def one_pass() -> tuple[float, float]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        for b in graphs:
-            loss = net(b)[0].pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
-
-    one_pass()
-    rates = [one_pass() for _ in range(passes)]
+    train_pass(net, opt, graphs)
+    rates = [train_pass(net, opt, graphs) for _ in range(passes)]
     return {"kind": kind, "tuned": tuned, "applied": applied, "wall": statistics.median(r[0] for r in rates),
             "cpu": statistics.median(r[1] for r in rates), "passes": rates,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load": os.getloadavg()[0]}
