@@ -50,22 +50,43 @@ def build(kind: str, cutoff: float) -> Any:
     return MPNN(MPNNConfig(hidden=64, steps=3))
 
 
-def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: int, seed: int) -> dict[str, Any]:
-    """Graphs/s of every encoder (wall and CPU time) on ``batches`` random batches of one shard directory."""
-    import torch
-
-    import pipeline  # noqa: F401
+def random_batches(data: str, batches: int, batch_size: int, seed: int) -> tuple[list[Any], float]:
+    """``batches`` collated batches of records drawn at random (seeded) from a shard directory,
+    without targets, and the collate rate (graphs/s)."""
     from pipeline.graphs import collate
     from pipeline.shards import ShardDataset
 
-    torch.set_num_threads(1)
     total = len(ShardDataset(data))
     n = min(total, batches * batch_size)
     ds = ShardDataset(data, sorted(random.Random(seed).sample(range(total), n)))
     recs = [dict(ds[i], y=ds[i]["y"][:0]) for i in range(n)]
     t = time.perf_counter()
     graphs = [collate(recs[i:i + batch_size]) for i in range(0, n, batch_size)]
-    collate_rate = n / (time.perf_counter() - t)
+    return graphs, n / (time.perf_counter() - t)
+
+
+def train_pass(net: Any, opt: Any, graphs: list[Any]) -> tuple[float, float]:
+    """One pass of forward + loss + backward + optimiser step over ``graphs``: graphs/s by wall
+    clock and by this process's CPU time."""
+    n = sum(b.num_graphs for b in graphs)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for b in graphs:
+        loss = net(b)[0].pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+
+def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """Graphs/s of every encoder (wall and CPU time) on ``batches`` random batches of one shard directory."""
+    import torch
+
+    import pipeline  # noqa: F401
+
+    torch.set_num_threads(1)
+    graphs, collate_rate = random_batches(data, batches, batch_size, seed)
+    n = sum(b.num_graphs for b in graphs)
     nets = {}
     for kind in ENCODERS:
         torch.manual_seed(0)
@@ -76,14 +97,7 @@ def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: in
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in nets.items()}
 
     def run(kind: str) -> tuple[float, float]:
-        net, opt = nets[kind], opts[kind]
-        wall, cpu = time.perf_counter(), time.process_time()
-        for b in graphs:
-            loss = net(b)[0].pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+        return train_pass(nets[kind], opts[kind], graphs)
 
     for kind in nets:  # warm-up
         run(kind)

@@ -716,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit code."""
+    from pipeline.allocator import keep_freed_memory
+
+    keep_freed_memory()   # before torch allocates: 10-20 MB tensors are reused, not re-mapped every step
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

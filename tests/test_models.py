@@ -557,3 +557,27 @@ def test_painn_message_matches_dense_reference(qm9_records: list) -> None:
         v_g = v_g.permute(1, 0, 2)
     _close(s_g, s_ref, 1e-8)
     _close(v_g, v_ref, 1e-8)
+
+
+def test_painn_first_block_skips_only_a_zero_term(mp_records: list) -> None:
+    """The first message block (zero vector states) skips the v_j term: the encoder's output and
+    every parameter gradient equal those of the block with the term computed (here: forced on)."""
+    batch = collate(mp_records[:6])
+
+    def run(force_full: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        net = _painn(cutoff=8.0)
+        if force_full:
+            for m in net.messages:
+                full = m.forward
+                m.forward = lambda *a, _full=full, **k: _full(*a, **{**k, "v_zero": False})
+        out, _ = net(batch)
+        out.square().sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+    out_skip, grads_skip = run(False)
+    out_full, grads_full = run(True)
+    torch.testing.assert_close(out_skip, out_full, rtol=0, atol=0)
+    assert grads_skip.keys() == grads_full.keys()
+    for k in grads_full:
+        torch.testing.assert_close(grads_skip[k], grads_full[k], rtol=1e-6, atol=1e-7)
