@@ -91,10 +91,14 @@ class Message(nn.Module):
             updated ``s`` (N, F) and ``v`` (3, N, F).
         """
         x = self.phi(s).index_select(0, src) * (self.filter(radial) * envelope)
-        x_vv, x_s, x_vs = (part.contiguous() for part in x.split(self.hidden, dim=-1))
+        # contiguous parts: a product of a strided (E, F) slice with the (3, E, 1) units was 5x slower
+        x_vv, x_s, x_vs = x.split(self.hidden, dim=-1)
+        x_s, x_vs = x_s.contiguous(), x_vs.contiguous()
         # component-first layout: every product below broadcasts over a leading or trailing
         # dimension, which torch's CPU kernels do ~8x faster than over the middle one of (E, 3, F)
-        dv = unit * x_vs if v_zero else v.index_select(1, src) * x_vv + unit * x_vs
+        dv = unit * x_vs
+        if not v_zero:
+            dv = v.index_select(1, src) * x_vv.contiguous() + dv
         s = s.index_add(0, dst, x_s)
         v = v.index_add(1, dst, dv)
         return s, v
