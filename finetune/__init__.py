@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
-from pipeline.checkpoint import PROPERTY_MODEL, load_model_dir
+from pipeline.checkpoint import PROPERTY_MODELS, load_model_dir
 from pipeline.models.property import PropertyModel
 
 __all__ = ["load_model", "PropertyModel"]
@@ -24,4 +24,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Property
     Raises:
         MolmatError: not a property-model directory, or weights that do not fit it.
     """
-    return load_model_dir(path, [PROPERTY_MODEL], device)
+    return load_model_dir(path, PROPERTY_MODELS, device)

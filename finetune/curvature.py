@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from pipeline import MolmatError, __version__
 from pipeline import curvature as C
+from pipeline.checkpoint import PROPERTY_MODEL
 from pipeline.config import CurvatureConfig
 from pipeline.graphs import GraphBatch, collate
 from pipeline.models.property import PropertyModel
@@ -396,7 +397,8 @@ def curvature(run: str | Path, data: str | Path, split: str = "val", tasks: Sequ
         raise MolmatError(f"unknown parameter group {group!r}; expected one of {', '.join(PARAM_GROUPS)}")
     device = torch.device(device) if device is not None else pick_device("auto")
     t_start = time.perf_counter()
-    ms = open_model_on_split(run, data, split, device)
+    # one network's loss surface: an ensemble's members are analysed one at a time
+    ms = open_model_on_split(run, data, split, device, kinds=[PROPERTY_MODEL])
     model = ms.model
     wanted = check_tasks(model, tasks)
     out = Path(out) if out is not None else default_out(run, split)

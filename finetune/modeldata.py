@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import MolmatError
-from pipeline.checkpoint import PROPERTY_MODEL, check_shards_fit, load_model_dir
+from pipeline.checkpoint import PROPERTY_MODELS, check_shards_fit, load_model_dir
 from pipeline.graphs import collate
 from pipeline.loader import make_loader
 from pipeline.models.property import PropertyModel, TargetSpec
@@ -135,7 +135,8 @@ def split_indices(data: str | Path, split: str, limit: int | None = None) -> lis
 
 
 def open_model_on_split(run: str | Path, data: str | Path, split: str = "test",
-                        device: torch.device | str = "cpu", limit: int | None = None) -> ModelOnSplit:
+                        device: torch.device | str = "cpu", limit: int | None = None,
+                        kinds: Sequence[str] = PROPERTY_MODELS) -> ModelOnSplit:
     """Load a property model and the records of a split it can read.
 
     Args:
@@ -144,13 +145,14 @@ def open_model_on_split(run: str | Path, data: str | Path, split: str = "test",
         split: ``train``, ``val``, ``test`` or ``all`` (every record).
         device: where to put the model.
         limit: only the first N records of the split.
+        kinds: model directory formats accepted (a property model or an ensemble of them).
     Raises:
         MolmatError: not a property model, shards of another featurisation, missing labels,
             unknown or empty split.
     """
     indices = split_indices(data, split, limit)
     device = torch.device(device)
-    model = load_model_dir(run, [PROPERTY_MODEL], device)
+    model = load_model_dir(run, kinds, device)
     manifest = load_manifest(data)
     check_shards_fit(model.meta["featurization"], model.views(), manifest, str(data))
     columns = target_columns(manifest, model.targets, str(data))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pipeline import MolmatError
-from pipeline.checkpoint import PROPERTY_MODEL, load_model_dir
+from pipeline.checkpoint import PROPERTY_MODELS, load_model_dir
 from pipeline.files import atomic_file
 from pipeline.graphs import collate
 from pipeline.inputs import ERROR, WARNING, domain_check, featurized_inputs
@@ -32,7 +32,7 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
     a new element).
     """
     device = torch.device(device)
-    model = load_model_dir(run, [PROPERTY_MODEL], device)
+    model = load_model_dir(run, PROPERTY_MODELS, device)
     names = [unit_column(t.name, t.unit) for t in model.targets]
     out = Path(out)
     if out.is_dir():  # found now, not after every prediction is made

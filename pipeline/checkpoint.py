@@ -46,6 +46,9 @@ LAYOUT = 2
 PROPERTY_MODEL = "molmat-property-model"
 ENCODER = "molmat-encoder"
 DENSITY_MODEL = "molmat-density-model"
+PROPERTY_ENSEMBLE = "molmat-property-ensemble"
+#: Directory formats that predict properties: evaluation, prediction and curvature take either.
+PROPERTY_MODELS = (PROPERTY_MODEL, PROPERTY_ENSEMBLE)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -86,8 +89,14 @@ def _build_density_model(config: dict[str, Any]) -> nn.Module:
     return DensityModel.from_config(config)
 
 
+def _build_property_ensemble(config: dict[str, Any]) -> nn.Module:
+    from pipeline.models.ensemble import PropertyEnsemble
+
+    return PropertyEnsemble.from_config(config)
+
+
 def _no_upgrade(config: dict[str, Any]) -> list[str]:
-    # density model directories exist only in the current layout
+    # density model and ensemble directories exist only in the current layout
     return []
 
 
@@ -113,6 +122,7 @@ KINDS: dict[str, DirKind] = {
     PROPERTY_MODEL: DirKind("property model", _build_property_model, _upgrade_property_model, "model.pt"),
     ENCODER: DirKind("pretrained encoder", _build_encoder_pair, _upgrade_encoder, "encoder.pt"),
     DENSITY_MODEL: DirKind("density model", _build_density_model, _no_upgrade, "density.pt"),
+    PROPERTY_ENSEMBLE: DirKind("property model ensemble", _build_property_ensemble, _no_upgrade, "ensemble.pt"),
 }
 
 
@@ -337,11 +347,18 @@ def load_model_dir(path: str | Path, kinds: Iterable[str] | None = None, device:
 
 
 # ---------------------------------------------------------------------- pretrained encoders
+#: Directories whose encoders may start a fine-tuning (``--init``): pretrained encoder pairs, and
+#: property models fine-tuned on other targets (transfer learning).
+ENCODER_SOURCES = (ENCODER, PROPERTY_MODEL)
+
 def pretrained_model_config(model_cfg: ModelConfig, path: str | Path,
                             replace: Iterable[str] = ()) -> tuple[ModelConfig, list[str]]:
     """The fine-tuning model config with the architecture of a pretrained encoder directory.
 
-    A pretrained encoder brings its architecture: each filled slot whose encoder is the one the
+    The directory is a ``molmat pretrain`` encoder directory or a fine-tuned property model
+    (transfer learning: e.g. a crystal encoder trained on the large MP formation-energy set
+    started again on the few thousand elastic moduli); a property model lends its encoders only,
+    never its heads. A pretrained encoder brings its architecture: each filled slot whose encoder is the one the
     directory holds for that view takes the directory's settings. Filled slots named in
     ``replace`` take the directory's encoder whatever it is: slots that were ``auto``, whose
     per-kind default (e.g. PaiNN for crystals) may differ from the encoder pretrained for that
@@ -352,7 +369,7 @@ def pretrained_model_config(model_cfg: ModelConfig, path: str | Path,
     Raises:
         MolmatError: the directory is not an encoder directory, or no slot can use it.
     """
-    _, config = read_model_config(path, [ENCODER])
+    _, config = read_model_config(path, ENCODER_SOURCES)
     data = model_cfg.model_dump(mode="json")
     slots = []
     for slot in ("encoder2d", "encoder3d"):
@@ -362,8 +379,9 @@ def pretrained_model_config(model_cfg: ModelConfig, path: str | Path,
             data[slot] = theirs
             slots.append(slot)
     if not slots:
-        raise MolmatError(f"{path}: holds {config['model']['encoder2d']['name']} (2D) and "
-                          f"{config['model']['encoder3d']['name']} (3D); the model's slots use neither")
+        held = {s: (config["model"].get(s) or {}).get("name", "nothing") for s in ("encoder2d", "encoder3d")}
+        raise MolmatError(f"{path}: holds {held['encoder2d']} (2D) and {held['encoder3d']} (3D); "
+                          "the model's slots use neither")
     return ModelConfig.model_validate(data), slots
 
 
@@ -373,7 +391,7 @@ def load_pretrained_encoders(model: nn.Module, path: str | Path, slots: list[str
 
     Args:
         model: a model with ``encoder2d`` / ``encoder3d`` attributes (a property model).
-        path: the encoder directory.
+        path: the encoder directory (or a property model directory, whose encoders are taken).
         slots: the slots to fill (from :func:`pretrained_model_config`).
         shard_featurization: the fine-tuning shards' featurisation spec (manifest).
         kinds: record kinds of the fine-tuning shards.
@@ -382,7 +400,7 @@ def load_pretrained_encoders(model: nn.Module, path: str | Path, slots: list[str
     """
     from pipeline.featurize import featurization_differences
 
-    enc = load_model_dir(path, [ENCODER])
+    enc = load_model_dir(path, ENCODER_SOURCES)
     views = [getattr(model, s).cfg.view for s in slots]
     diff = featurization_differences(enc.meta["featurization"], shard_featurization, views, kinds)
     if diff:

@@ -181,6 +181,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """``molmat ensemble RUN RUN... --out DIR``."""
+    from finetune.ensemble import make_ensemble
+
+    ens = make_ensemble(args.members, args.out)
+    print(f"{args.out}: ensemble of {len(ens.members)} models ({', '.join(t.name for t in ens.targets)}); "
+          f"evaluate and predict take it like one model")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``molmat evaluate RUN --data SHARDS [--split test|val|train|all] [--limit N] [--out DIR]``."""
     from finetune.evaluate import evaluate, metrics_table
@@ -634,11 +644,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train property heads (and the encoder) on shards")
     p.add_argument("--data", required=True, help="shard directory (with split.json)")
     p.add_argument("--out", required=True, help="run directory (best/, last.pt, metrics.csv)")
-    p.add_argument("--init", help="pretrained encoder directory")
+    p.add_argument("--init", help="pretrained encoder directory (molmat pretrain), or a fine-tuned model whose "
+                   "encoders start this one (transfer learning; its heads are not used)")
     p.add_argument("--restart", action="store_true", help="start afresh: move the state of the run OUT holds "
                    "(last.pt, best/, metrics) to OUT/previous/")
     _common(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("ensemble", help="join fine-tuned models (other seeds or encoders, same shards and split) into "
+                       "one model directory that averages them")
+    p.add_argument("members", nargs="+", metavar="RUN", help="run or model directories of `molmat finetune`")
+    p.add_argument("--out", required=True, help="ensemble directory to write")
+    _common(p)
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("evaluate", help="metrics and parity plots of a trained model on shards")
     p.add_argument("run", help="run or model directory, or a shipped model's name (e.g. qm9-density)")
