@@ -382,7 +382,7 @@ class FinetuneConfig(_Section):
     loss: Literal["mse", "l1", "huber"] = "mse"
     max_train: int | None = Field(None, ge=1, description="use a seeded subset of this many training records "
                                                           "(label-scarce experiments); val and test are unchanged")
-    init: str | None = Field(None, description="pretrained encoder directory (molmat pretrain)")
+    init: str | None = Field(None, description="encoder directory (molmat pretrain) or a fine-tuned property model whose encoders start this run (transfer learning)")
     freeze_encoder: bool = False
     encoder_lr: float | None = Field(None, gt=0, description="own learning rate for a pretrained encoder")
     curvature_weighting: CurvatureWeightingConfig = Field(default_factory=CurvatureWeightingConfig)
