@@ -47,15 +47,18 @@ LOG10 = {"K_VRH_GPa", "G_VRH_GPa"}
 UNITS = {"band_gap_eV": "eV", "formation_energy_per_atom_eV": "eV/atom", "K_VRH_GPa": "log10(GPa)",
          "G_VRH_GPa": "log10(GPa)"}
 PLAIN = ["finetune.gated_targets=[]", "finetune.composition_baseline_targets=[]"]
+#: The encoders with the squared-error loss they were first measured with (``finetune.loss`` is
+#: ``auto`` = l1 for crystals since; ``*_l1`` rows use that).
 MODELS: dict[str, list[str]] = {
-    "mpnn": ["model.encoder2d.name=mpnn", "model.encoder3d=null"],
-    "schnet": ["model.encoder2d=null", "model.encoder3d={name: schnet, cutoff: 8.0}"],
-    "painn": ["model.encoder2d=null", "model.encoder3d={name: painn, cutoff: 8.0}"],
-    "both": ["model.encoder2d.name=mpnn", "model.encoder3d={name: schnet, cutoff: 8.0}"],
+    "mpnn": ["model.encoder2d.name=mpnn", "model.encoder3d=null", "finetune.loss=mse"],
+    "schnet": ["model.encoder2d=null", "model.encoder3d={name: schnet, cutoff: 8.0}", "finetune.loss=mse"],
+    "painn": ["model.encoder2d=null", "model.encoder3d={name: painn, cutoff: 8.0}", "finetune.loss=mse"],
+    "both": ["model.encoder2d.name=mpnn", "model.encoder3d={name: schnet, cutoff: 8.0}", "finetune.loss=mse"],
 }
 MODELS.update({f"{k}_plain": v + PLAIN for k, v in list(MODELS.items())})
 #: Trained on the mean absolute error, the metric reported, instead of the squared error.
-MODELS.update({f"{k}_l1": v + ["finetune.loss=l1"] for k, v in list(MODELS.items()) if not k.endswith("_plain")})
+MODELS.update({f"{k}_l1": [x for x in v if not x.startswith("finetune.loss=")] + ["finetune.loss=l1"]
+               for k, v in list(MODELS.items()) if not k.endswith("_plain")})
 #: Without early stopping: the cosine schedule fitted to the budget runs to its end (on the 2.9k
 #: elastic crystals, patience 30 stops a 20-minute run after ~5 minutes, its learning rate barely lowered).
 MODELS.update({f"{k}_nostop": v + ["train.patience=null"] for k, v in list(MODELS.items()) if k.endswith("_l1")})
@@ -64,6 +67,9 @@ MODELS.update({f"{k}_nostop": v + ["train.patience=null"] for k, v in list(MODEL
 SINGLE = {f"{k}_single": k for k in ("mpnn", "schnet", "painn")}
 MODELS.update({k: MODELS[v] for k, v in SINGLE.items()})
 BASELINES = ("composition_ridge", "composition_mlp", "composition_rf")
+#: ``MODEL_ens2``: the ``molmat ensemble`` of two runs of MODEL, its seed s made of seeds 2s and 2s+1
+#: (the 2-core budget: two one-thread runs side by side, then averaged).
+ENSEMBLE_SUFFIX = "_ens2"
 
 
 def log(msg: str) -> None:
@@ -114,6 +120,36 @@ def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, min
     return {"per_target": per_target, "graphs_per_s": timing["graphs_per_s"], "epochs": result["epochs_run"],
             "stopped_by": result["stopped_by"], "run_dir": str(run),
             "command": shlex.join(["molmat", *ft]) + " && " + shlex.join(["molmat", *ev])}
+
+
+def ensemble_run(dataset: str, shards: Path, model: str, pool: str, seed: int, minutes: float, work: Path) -> dict[str, Any]:
+    """``molmat ensemble`` of the runs of seeds 2*seed and 2*seed+1 of ``model`` minus its suffix (trained
+    first when missing), evaluated on the test split; throughput and epochs are the members' means."""
+    base = model[: -len(ENSEMBLE_SUFFIX)]
+    members = [molmat_run(dataset, shards, base, pool, 2 * seed + k, minutes, work) for k in (0, 1)]
+    bad = [m["error"] for m in members if "error" in m]
+    if bad:
+        return {"error": f"member failed: {bad[0]}"}
+    run = work / "runs" / run_name(dataset, pool, model, seed)
+    metrics_file = run / "eval_test" / "metrics.json"
+    ens = ["ensemble", *(m["run_dir"] for m in members), "--out", str(run)]
+    ev = ["evaluate", str(run), "--data", str(shards), "--split", "test"]
+    if not metrics_file.exists():
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        logf = work / "logs" / f"{run.name}.log"
+        with open(logf, "w") as fh:
+            for cmd in (ens, ev):
+                rc = subprocess.call([MOLMAT, *cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                if rc != 0:
+                    return {"error": f"rc {rc}, log {logf}"}
+    metrics = json.loads(metrics_file.read_text())
+    per_target = {t: {"mae": m["log10"]["mae"] if t in LOG10 else m["mae"],
+                      "r2": m["log10"]["r2"] if t in LOG10 else m["r2"], "count": m["count"]}
+                  for t, m in metrics["targets"].items()}
+    return {"per_target": per_target, "graphs_per_s": sum(m["graphs_per_s"] for m in members) / 2,
+            "epochs": sum(m["epochs"] for m in members) / 2, "run_dir": str(run),
+            "command": " && ".join(m["command"] for m in members) + " && " + shlex.join(["molmat", *ens])
+            + " && " + shlex.join(["molmat", *ev])}
 
 
 def composition_baseline(dataset: str, shards: Path, kind: str, pool: str, seed: int, minutes: float) -> dict[str, Any]:
@@ -213,6 +249,8 @@ def _job(args: tuple) -> tuple[tuple, dict[str, Any]]:
                 out = composition_baseline(dataset, Path(shards), model, pool, seed, minutes)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(out, indent=1))
+        elif model.endswith(ENSEMBLE_SUFFIX):
+            out = ensemble_run(dataset, Path(shards), model, pool, seed, minutes, Path(work))
         else:
             out = molmat_run(dataset, Path(shards), model, pool, seed, minutes, Path(work))
     except Exception as exc:  # one failed model must not lose the others' results
@@ -302,11 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/molmat_crystal_bench")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--report-only", action="store_true", help="run nothing: report the finished runs under --work")
+    p.add_argument("--only", choices=list(TARGETS), help="run and report one dataset only")
     args = p.parse_args(argv)
     datasets = {"mp": args.mp, **({"mp_elastic": args.elastic} if args.elastic else {})}
+    if args.only:
+        datasets = {args.only: datasets[args.only]}
     seeds = [int(s) for s in args.seeds.split(",")]
     pools, models = args.pools.split(","), args.models.split(",")
-    unknown = [m for m in models if m not in MODELS and m not in BASELINES]
+    unknown = [m for m in models if m.removesuffix(ENSEMBLE_SUFFIX) not in MODELS and m not in BASELINES]
     if unknown:
         p.error(f"unknown models {unknown}; known: {', '.join(list(MODELS) + list(BASELINES))}")
     jobs = [(d, s, j, pool, seed, args.minutes, args.work, args.report_only) for d, s in datasets.items() for pool in pools

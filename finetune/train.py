@@ -102,6 +102,12 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     specs = target_specs(manifest["targets"], fcfg.targets, fcfg.log10_targets, fcfg.extensive_targets, fcfg.loss_weights,
                          fcfg.gated_targets, fcfg.composition_baseline_targets)
     kinds = dataset_kinds(manifest)
+    if fcfg.loss == AUTO:
+        # resolved before the run's identity is taken: a resumed run keeps the loss it started with
+        fcfg = fcfg.model_copy(update={"loss": fcfg.resolved_loss(kinds)})
+        config = config.model_copy(update={"finetune": fcfg})
+        if rank == 0:
+            log.info("loss for %s data (finetune.loss_by_kind): %s", "/".join(kinds), fcfg.loss)
     init = init or fcfg.init
     model_cfg, slots = config.model.resolve(kinds), []
     if not config.model.is_resolved() and rank == 0:

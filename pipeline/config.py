@@ -244,6 +244,12 @@ _SLOT_DEFAULTS = {"encoder2d": "mpnn", "encoder3d": "schnet"}
 AUTO = "auto"
 
 
+def auto_kind(kinds: list[str]) -> str:
+    """Which per-kind default (``model.auto``, ``finetune.loss_by_kind``) data of these record kinds gets:
+    ``crystal`` for crystals only, ``molecule`` for molecules and for data that mix both."""
+    return "crystal" if list(kinds) == ["crystal"] else "molecule"
+
+
 class SlotDefaults(_Section):
     """What the two encoder slots hold for one kind of data when they are ``auto``."""
 
@@ -320,7 +326,7 @@ class ModelConfig(_Section):
         """
         if self.is_resolved():
             return self
-        preset = self.auto.crystal if list(kinds) == ["crystal"] else self.auto.molecule
+        preset = getattr(self.auto, auto_kind(kinds))
         data = self.model_dump(mode="json")
         for slot in ("encoder2d", "encoder3d"):
             if data[slot] == AUTO:
@@ -365,6 +371,18 @@ class CurvatureWeightingConfig(_Section):
         return self
 
 
+class LossByKind(_Section):
+    """The training loss ``finetune.loss: auto`` gives each kind of data.
+
+    Crystals: the mean absolute error, the metric reported, lowered MP band gap, formation energy
+    and log10 moduli against the squared error at the same budget (bench/results/crystal_encoders.md).
+    Molecules keep the squared error their benchmarks were measured with.
+    """
+
+    molecule: Literal["mse", "l1", "huber"] = "mse"
+    crystal: Literal["mse", "l1", "huber"] = "l1"
+
+
 class FinetuneConfig(_Section):
     """Property heads and how targets are learned."""
 
@@ -379,13 +397,21 @@ class FinetuneConfig(_Section):
         None, description="intensive targets learned on top of a fitted linear function of the element "
                           "fractions; default: names starting with formation_energy")
     loss_weights: dict[str, float] = Field(default_factory=dict)
-    loss: Literal["mse", "l1", "huber"] = "mse"
+    loss: Literal["auto", "mse", "l1", "huber"] = Field(
+        AUTO, description="training loss of each target: mse, l1, huber, or auto (finetune.loss_by_kind by data kind)")
+    loss_by_kind: LossByKind = Field(default_factory=lambda: LossByKind(),
+                                     description="the loss `auto` gives each kind of data (measured)")
     max_train: int | None = Field(None, ge=1, description="use a seeded subset of this many training records "
                                                           "(label-scarce experiments); val and test are unchanged")
     init: str | None = Field(None, description="encoder directory (molmat pretrain) or a fine-tuned property model whose encoders start this run (transfer learning)")
     freeze_encoder: bool = False
     encoder_lr: float | None = Field(None, gt=0, description="own learning rate for a pretrained encoder")
     curvature_weighting: CurvatureWeightingConfig = Field(default_factory=CurvatureWeightingConfig)
+
+    def resolved_loss(self, kinds: list[str]) -> str:
+        """The training loss for data of these record kinds: ``loss``, or when it is ``auto`` the
+        entry of ``loss_by_kind`` for the kind (:func:`auto_kind`)."""
+        return getattr(self.loss_by_kind, auto_kind(kinds)) if self.loss == AUTO else self.loss
 
 
 class PretrainConfig(_Section):

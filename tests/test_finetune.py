@@ -125,6 +125,7 @@ def test_finetune_writes_model_dir_and_metrics(trained_qm9):
     rows = list(csv.DictReader(open(trained_qm9 / "metrics.csv")))
     assert len(rows) == 2 and "val_mae_gap_Ha" in rows[0]
     conf = json.loads((trained_qm9 / "best" / "config.json").read_text())
+    assert conf["finetune"]["loss"] == "mse"  # finetune.loss auto, resolved for molecules
     assert [t["name"] for t in conf["targets"]] == ["gap_Ha", "U0_Ha"]
     assert conf["targets"][1]["extensive"] and conf["targets"][0]["unit"] == "Ha"
     assert conf["featurization"]["atom_columns"][0] == "Z"
@@ -276,6 +277,9 @@ def test_sigterm_then_rerun_gives_the_same_weights(qm9_shards, tmp_path, workers
 def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
     cfg = _cfg("train.epochs=1", "model.encoder3d.name=schnet", "model.encoder3d.cutoff=8.0", "model.encoder3d.hidden=16")
     finetune(mp_shards, tmp_path / "mp", cfg)
+    # finetune.loss auto, resolved for crystals, recorded where curvature and resumes read it
+    assert json.loads((tmp_path / "mp" / "best" / "config.json").read_text())["finetune"]["loss"] == "l1"
+    assert json.loads((tmp_path / "mp" / "run.json").read_text())["finetune"]["loss"] == "l1"
     m = evaluate(tmp_path / "mp", mp_shards, "test")
     assert set(m["targets"]) == {"band_gap_eV", "formation_energy_per_atom_eV", "K_VRH_GPa", "G_VRH_GPa"}
     assert m["targets"]["K_VRH_GPa"]["count"] < m["targets"]["band_gap_eV"]["count"]
@@ -433,3 +437,13 @@ def test_predict_refuses_a_crystal_for_a_molecule_model_and_flags_new_elements(t
     assert domain_check(rec, {"kinds": ["molecule"], "elements": ["H", "N", "O", "F"]}) == (
         "", "element(s) C not in the training data; the prediction is an extrapolation")
     assert domain_check(rec, {"kinds": ["molecule"], "elements": ["H", "C", "N", "O", "F"]}) == ("", "")
+
+
+def test_loss_auto_by_kind_and_explicit_choice_wins():
+    cfg = load_config(None, [])
+    assert cfg.finetune.loss == "auto"
+    assert cfg.finetune.resolved_loss(["crystal"]) == "l1"
+    assert cfg.finetune.resolved_loss(["molecule"]) == "mse"
+    assert cfg.finetune.resolved_loss(["crystal", "molecule"]) == "mse"  # mixed data: the molecule default
+    assert load_config(None, ["finetune.loss=huber"]).finetune.resolved_loss(["crystal"]) == "huber"
+    assert load_config(None, ["finetune.loss_by_kind.crystal=mse"]).finetune.resolved_loss(["crystal"]) == "mse"
