@@ -67,6 +67,9 @@ MODELS.update({f"{k}_nostop": v + ["train.patience=null"] for k, v in list(MODEL
 SINGLE = {f"{k}_single": k for k in ("mpnn", "schnet", "painn")}
 MODELS.update({k: MODELS[v] for k, v in SINGLE.items()})
 BASELINES = ("composition_ridge", "composition_mlp", "composition_rf")
+#: Transfer learning: the elastic model starts from the encoder of the MP model of the same seed and
+#: pool (``molmat finetune --init``); that MP run must exist (its own 20 minutes are not counted here).
+MODELS["painn_l1_mpinit"] = MODELS["painn_l1"] + ["finetune.init={work}/runs/mp_{pool}_painn_l1_s{seed}"]
 #: ``MODEL_ens2``: the ``molmat ensemble`` of two runs of MODEL, its seed s made of seeds 2s and 2s+1
 #: (the 2-core budget: two one-thread runs side by side, then averaged).
 ENSEMBLE_SUFFIX = "_ens2"
@@ -92,7 +95,8 @@ def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, min
     run = work / "runs" / run_name(dataset, pool, model, seed)
     metrics_file = run / "eval_test" / "metrics.json"
     sets = [f"train.max_minutes={minutes}", "train.epochs=1000", "train.threads=1", f"train.seed={seed}",
-            "finetune.targets=[" + ",".join(targets) + "]", *MODELS[base]]
+            "finetune.targets=[" + ",".join(targets) + "]",
+            *(x.replace("{work}", str(work)).replace("{pool}", pool).replace("{seed}", str(seed)) for x in MODELS[base])]
     if pool == "8k":
         sets.append("finetune.max_train=8000")
     ft = ["finetune", "--data", str(shards), "--out", str(run)] + [a for s in sets for a in ("--set", s)]

@@ -399,10 +399,13 @@ def _training_complete(out: Path) -> bool:
 
 def _headline_finetune(out: Path) -> str:
     r = _read_json(out / "result.json")
-    model = _read_json(out / "best" / "config.json")["model"] if (out / "best" / "config.json").exists() else {}
-    # which encoders the run used: with model slots on auto, that depends on the data's kind
+    conf = _read_json(out / "best" / "config.json") if (out / "best" / "config.json").exists() else {}
+    model = conf.get("model", {})
+    # which encoders and loss the run used: with model slots and the loss on auto, that depends on the data's kind
     encoders = " + ".join(f"{model[s]['name']} ({s[-2:].upper()})" for s in ("encoder2d", "encoder3d")
                           if isinstance(model.get(s), dict))
+    loss = conf.get("finetune", {}).get("loss")
+    encoders += f", {loss} loss" if encoders and loss else ""
     return (f"{encoders + ': ' if encoders else ''}best val MAE/spread {r['best_metric']:.4g} at epoch "
             f"{r['best_epoch']} of {r['epochs_run']} (stopped by {r['stopped_by']})")
 

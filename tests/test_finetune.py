@@ -341,10 +341,11 @@ def test_molmat_run_end_to_end(tmp_path):
     # model slots on auto: the molecules get the MPNN, the crystals the crystal default (3D only)
     rows = [line.split("|") for line in summary.splitlines() if line.startswith("| finetune |")]
     assert len(rows) == 4
-    assert all("mpnn (2D): best val" in r[5] for r in rows if r[2].strip().startswith("qm9")), summary
-    # crystals: PaiNN from scratch; from the encoder, its pretrained 3D encoder (SchNet)
+    assert all("mpnn (2D), mse loss: best val" in r[5] for r in rows if r[2].strip().startswith("qm9")), summary
+    # crystals: PaiNN from scratch; from the encoder, its pretrained 3D encoder (SchNet); the crystal loss (l1)
     mp_rows = {r[4].strip().split("/")[-1]: r[5] for r in rows if r[2].strip().startswith("mp")}
-    assert "painn (3D): best val" in mp_rows["scratch"] and "schnet (3D): best val" in mp_rows["pretrained"], summary
+    assert "painn (3D), l1 loss: best val" in mp_rows["scratch"], summary
+    assert "schnet (3D), l1 loss: best val" in mp_rows["pretrained"], summary
     assert "test MAE homo_Ha" in r.stdout and "val contrastive accuracy" in r.stdout
 
     before = {p: p.stat().st_mtime_ns for p in outputs}
