@@ -10,13 +10,15 @@ import torch
 
 import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
 from pipeline.checkpoint import PROPERTY_MODELS, load_model_dir
+from pipeline.models.ensemble import PropertyEnsemble
 from pipeline.models.property import PropertyModel
 
-__all__ = ["load_model", "PropertyModel"]
+__all__ = ["load_model", "PropertyModel", "PropertyEnsemble"]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> PropertyModel:
-    """Rebuild a trained property model from its directory (``RUN/best``, or the run directory).
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> PropertyModel | PropertyEnsemble:
+    """Rebuild a trained property model from its directory (``RUN/best``, or the run directory), or
+    an ensemble of them (``molmat ensemble``), which predicts through the same calls.
 
     Returns the model in eval mode with ``model.meta`` holding its ``config.json``; it predicts in
     physical units with ``model.predict(batch)`` (batch from :func:`pipeline.graphs.collate`).
