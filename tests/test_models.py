@@ -1,6 +1,7 @@
 """Encoders on real QM9 molecules and Materials Project crystals: shapes, invariances, fast paths."""
 from __future__ import annotations
 
+import math
 import tarfile
 import warnings
 from pathlib import Path
@@ -581,3 +582,22 @@ def test_painn_first_block_skips_only_a_zero_term(mp_records: list) -> None:
     assert grads_skip.keys() == grads_full.keys()
     for k in grads_full:
         torch.testing.assert_close(grads_skip[k], grads_full[k], rtol=1e-6, atol=1e-7)
+
+
+def test_gaussian_features_are_exact_down_to_their_floor() -> None:
+    """Against the Gaussians evaluated in float64 (the reference): exact where a feature is above
+    exp(EXP_FLOOR), exactly the floor below it, so no feature (and no product of one in the
+    backward pass) is within a few decades of float32's subnormal range."""
+    from pipeline.models.schnet import EXP_FLOOR, GaussianRBF
+
+    rbf = GaussianRBF(50, 8.0)
+    d = torch.linspace(0.0, 8.0, 4001)
+    got = rbf(d).double()
+    width = float(rbf.centres[1] - rbf.centres[0])
+    ref = torch.exp(-0.5 * ((d.double().unsqueeze(-1) - rbf.centres.double()) / width) ** 2)
+    floor = math.exp(EXP_FLOOR)
+    above = ref > floor
+    assert above.any() and (~above).any()
+    torch.testing.assert_close(got[above], ref[above], rtol=1e-5, atol=0.0)
+    assert torch.allclose(got[~above], torch.full_like(got[~above], floor), rtol=1e-5)
+    assert floor > 1e6 * torch.finfo(torch.float32).tiny  # tail x gradient products stay normal
