@@ -27,6 +27,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -64,15 +65,16 @@ MODELS.update({f"{k}_l1": [x for x in v if not x.startswith("finetune.loss=")] +
 MODELS.update({f"{k}_nostop": v + ["train.patience=null"] for k, v in list(MODELS.items()) if k.endswith("_l1")})
 #: One model per target (each its own run and budget; two side by side are the 2-core budget): the curvature
 #: benchmark measured multi-task MP formation energy 20% worse than single-task (bench/results/curvature.md).
-SINGLE = {f"{k}_single": k for k in ("mpnn", "schnet", "painn")}
+SINGLE = {f"{k}_single": k for k in ("mpnn", "schnet", "painn", "schnet_l1", "painn_l1")}
 MODELS.update({k: MODELS[v] for k, v in SINGLE.items()})
 BASELINES = ("composition_ridge", "composition_mlp", "composition_rf")
 #: Transfer learning: the elastic model starts from the encoder of the MP model of the same seed and
 #: pool (``molmat finetune --init``); that MP run must exist (its own 20 minutes are not counted here).
 MODELS["painn_l1_mpinit"] = MODELS["painn_l1"] + ["finetune.init={work}/runs/mp_{pool}_painn_l1_s{seed}"]
-#: ``MODEL_ens2``: the ``molmat ensemble`` of two runs of MODEL, its seed s made of seeds 2s and 2s+1
-#: (the 2-core budget: two one-thread runs side by side, then averaged).
-ENSEMBLE_SUFFIX = "_ens2"
+#: ``MODEL_ensN``: the ``molmat ensemble`` of N runs of MODEL, its seed s made of seeds N*s .. N*s+N-1.
+#: Within the 2-core, 20-minute budget: two one-thread runs side by side (N = 2), or, where each run
+#: ends sooner (the elastic pool's runs early-stop after ~5 minutes), two after two (N = 4).
+ENSEMBLE = re.compile(r"^(?P<base>.+)_ens(?P<n>[2-9])$")
 
 
 def log(msg: str) -> None:
@@ -127,10 +129,11 @@ def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, min
 
 
 def ensemble_run(dataset: str, shards: Path, model: str, pool: str, seed: int, minutes: float, work: Path) -> dict[str, Any]:
-    """``molmat ensemble`` of the runs of seeds 2*seed and 2*seed+1 of ``model`` minus its suffix (trained
-    first when missing), evaluated on the test split; throughput and epochs are the members' means."""
-    base = model[: -len(ENSEMBLE_SUFFIX)]
-    members = [molmat_run(dataset, shards, base, pool, 2 * seed + k, minutes, work) for k in (0, 1)]
+    """``molmat ensemble`` of the runs of seeds N*seed .. N*seed+N-1 of ``model``'s base (trained first
+    when missing), evaluated on the test split; throughput and epochs are the members' means."""
+    match = ENSEMBLE.match(model)
+    base, n = match["base"], int(match["n"])
+    members = [molmat_run(dataset, shards, base, pool, n * seed + k, minutes, work) for k in range(n)]
     bad = [m["error"] for m in members if "error" in m]
     if bad:
         return {"error": f"member failed: {bad[0]}"}
@@ -150,8 +153,8 @@ def ensemble_run(dataset: str, shards: Path, model: str, pool: str, seed: int, m
     per_target = {t: {"mae": m["log10"]["mae"] if t in LOG10 else m["mae"],
                       "r2": m["log10"]["r2"] if t in LOG10 else m["r2"], "count": m["count"]}
                   for t, m in metrics["targets"].items()}
-    return {"per_target": per_target, "graphs_per_s": sum(m["graphs_per_s"] for m in members) / 2,
-            "epochs": sum(m["epochs"] for m in members) / 2, "run_dir": str(run),
+    return {"per_target": per_target, "graphs_per_s": sum(m["graphs_per_s"] for m in members) / n,
+            "epochs": sum(m["epochs"] for m in members) / n, "run_dir": str(run),
             "command": " && ".join(m["command"] for m in members) + " && " + shlex.join(["molmat", *ens])
             + " && " + shlex.join(["molmat", *ev])}
 
@@ -253,7 +256,7 @@ def _job(args: tuple) -> tuple[tuple, dict[str, Any]]:
                 out = composition_baseline(dataset, Path(shards), model, pool, seed, minutes)
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(out, indent=1))
-        elif model.endswith(ENSEMBLE_SUFFIX):
+        elif ENSEMBLE.match(model):
             out = ensemble_run(dataset, Path(shards), model, pool, seed, minutes, Path(work))
         else:
             out = molmat_run(dataset, Path(shards), model, pool, seed, minutes, Path(work))
@@ -351,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         datasets = {args.only: datasets[args.only]}
     seeds = [int(s) for s in args.seeds.split(",")]
     pools, models = args.pools.split(","), args.models.split(",")
-    unknown = [m for m in models if m.removesuffix(ENSEMBLE_SUFFIX) not in MODELS and m not in BASELINES]
+    unknown = [m for m in models if (ENSEMBLE.match(m)["base"] if ENSEMBLE.match(m) else m) not in MODELS
+               and m not in BASELINES]
     if unknown:
         p.error(f"unknown models {unknown}; known: {', '.join(list(MODELS) + list(BASELINES))}")
     jobs = [(d, s, j, pool, seed, args.minutes, args.work, args.report_only) for d, s in datasets.items() for pool in pools
