@@ -351,6 +351,7 @@ def load_model_dir(path: str | Path, kinds: Iterable[str] | None = None, device:
 #: property models fine-tuned on other targets (transfer learning).
 ENCODER_SOURCES = (ENCODER, PROPERTY_MODEL)
 
+
 def pretrained_model_config(model_cfg: ModelConfig, path: str | Path,
                             replace: Iterable[str] = ()) -> tuple[ModelConfig, list[str]]:
     """The fine-tuning model config with the architecture of a pretrained encoder directory.

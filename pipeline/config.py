@@ -375,7 +375,7 @@ class LossByKind(_Section):
     """The training loss ``finetune.loss: auto`` gives each kind of data.
 
     Crystals: the mean absolute error, the metric reported, lowered MP band gap, formation energy
-    and log10 moduli against the squared error at the same budget (bench/results/crystal_encoders.md).
+    and log10 moduli against the squared error at the same budget (bench/results/crystal_l1).
     Molecules keep the squared error their benchmarks were measured with.
     """
 
