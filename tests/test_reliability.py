@@ -994,7 +994,9 @@ def env_cases(run_and_encoder, qm9_shards, tmp_path_factory):
                                            ["train.device=cuda", "CUDA is not available"]),
         "train.device=gpu": (ft + ["--out", root / "gpu", "--set", "train.device=gpu"], ["train.device='gpu'"]),
         "a truncated last.pt": (ft + ["--out", truncated], ["last.pt: cannot resume", "--restart"]),
-        "an encoder dir that is a run dir": (ft + ["--out", root / "init", "--init", run], ["pretrained encoder"]),
+        # a fine-tuned run is a valid --init (transfer learning); shards are not a model
+        "an encoder dir that is a shard dir": (ft + ["--out", root / "init", "--init", qm9_shards],
+                                               ["not a molmat model directory"]),
         "a missing input": (["preprocess", root / "nothing.sdf", "--out", root / "y"], ["nothing.sdf"]),
     }
 
@@ -1003,7 +1005,7 @@ def env_cases(run_and_encoder, qm9_shards, tmp_path_factory):
     "preprocess --out is a file", "preprocess --out under a file", "preprocess --out read-only",
     "finetune --out is a file", "pretrain --out is a file", "predict --out is a directory",
     "embed --out in a read-only place", "evaluate --out is a file", "train.device=cuda without CUDA",
-    "train.device=gpu", "a truncated last.pt", "an encoder dir that is a run dir", "a missing input"])
+    "train.device=gpu", "a truncated last.pt", "an encoder dir that is a shard dir", "a missing input"])
 def test_environment_errors_are_one_line(env_cases, case):
     if case == "train.device=cuda without CUDA":
         import torch
