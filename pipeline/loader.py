@@ -10,6 +10,7 @@ import atexit
 import functools
 import math
 import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -76,6 +77,11 @@ def _kill_leftover_workers() -> None:
     import multiprocessing
 
     children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        # Killing a leftover worker is intended here, but PyTorch's SIGCHLD handler (set while a
+        # loader iterator lives) would report it as a failed worker, with a traceback printed
+        # after the run's own one-line error; seen under load, when a worker outlives the grace time.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for proc in children:
         proc.terminate()
     deadline = time.monotonic() + 2.0
