@@ -87,6 +87,22 @@ def run_name(dataset: str, pool: str, model: str, seed: int) -> str:
     return f"{dataset}_{pool}_{model.replace('@', '_')}_s{seed}"
 
 
+def split_scores(metrics: dict[str, Any], targets: list[str]) -> dict[str, dict[str, Any]]:
+    """MAE, R2 and count per target from ``molmat evaluate``'s metrics.json (log10 for moduli)."""
+    out = {}
+    for t in targets:
+        m = metrics["targets"][t]
+        out[t] = {"mae": m["log10"]["mae"] if t in LOG10 else m["mae"],
+                  "r2": m["log10"]["r2"] if t in LOG10 else m["r2"], "count": m["count"]}
+    return out
+
+
+def base_model(model: str) -> str:
+    """The MODELS key a model name runs: itself, or for ``MODEL_ensN`` the MODEL its members are."""
+    match = ENSEMBLE.match(model)
+    return match["base"] if match else model
+
+
 def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, minutes: float, work: Path) -> dict[str, Any]:
     """Fine-tune and evaluate one molmat model (reused when its evaluation already exists).
 
@@ -118,12 +134,7 @@ def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, min
     metrics = json.loads(metrics_file.read_text())
     timing = json.loads((run / "timing.json").read_text())
     result = json.loads((run / "result.json").read_text())
-    per_target = {}
-    for t in targets:
-        m = metrics["targets"][t]
-        per_target[t] = {"mae": m["log10"]["mae"] if t in LOG10 else m["mae"],
-                         "r2": m["log10"]["r2"] if t in LOG10 else m["r2"], "count": m["count"]}
-    return {"per_target": per_target, "graphs_per_s": timing["graphs_per_s"], "epochs": result["epochs_run"],
+    return {"per_target": split_scores(metrics, targets), "graphs_per_s": timing["graphs_per_s"], "epochs": result["epochs_run"],
             "stopped_by": result["stopped_by"], "run_dir": str(run),
             "command": shlex.join(["molmat", *ft]) + " && " + shlex.join(["molmat", *ev])}
 
@@ -150,10 +161,7 @@ def ensemble_run(dataset: str, shards: Path, model: str, pool: str, seed: int, m
                 if rc != 0:
                     return {"error": f"rc {rc}, log {logf}"}
     metrics = json.loads(metrics_file.read_text())
-    per_target = {t: {"mae": m["log10"]["mae"] if t in LOG10 else m["mae"],
-                      "r2": m["log10"]["r2"] if t in LOG10 else m["r2"], "count": m["count"]}
-                  for t, m in metrics["targets"].items()}
-    return {"per_target": per_target, "graphs_per_s": sum(m["graphs_per_s"] for m in members) / n,
+    return {"per_target": split_scores(metrics, list(metrics["targets"])), "graphs_per_s": sum(m["graphs_per_s"] for m in members) / n,
             "epochs": sum(m["epochs"] for m in members) / n, "run_dir": str(run),
             "command": " && ".join(m["command"] for m in members) + " && " + shlex.join(["molmat", *ens])
             + " && " + shlex.join(["molmat", *ev])}
@@ -354,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets = {args.only: datasets[args.only]}
     seeds = [int(s) for s in args.seeds.split(",")]
     pools, models = args.pools.split(","), args.models.split(",")
-    unknown = [m for m in models if (ENSEMBLE.match(m)["base"] if ENSEMBLE.match(m) else m) not in MODELS
-               and m not in BASELINES]
+    unknown = [m for m in models if base_model(m) not in MODELS and m not in BASELINES]
     if unknown:
         p.error(f"unknown models {unknown}; known: {', '.join(list(MODELS) + list(BASELINES))}")
     jobs = [(d, s, j, pool, seed, args.minutes, args.work, args.report_only) for d, s in datasets.items() for pool in pools

@@ -1,7 +1,7 @@
 """``molmat ensemble``: one model directory that averages fine-tuned property models.
 
 The members are trained as usual (``molmat finetune`` with other seeds or encoders, side by side
-on the cores of one machine or as a Slurm array) and joined afterwards; the ensemble directory is
+on the cores of one machine or as separate cluster jobs) and joined afterwards; the ensemble directory is
 self-contained (every member's weights inside one ``model.safetensors``) and is evaluated and
 used for prediction like a single model.
 """
