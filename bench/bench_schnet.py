@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Encoder training-step speed on real structures: SchNet now against SchNet as of e99ab7b, plus
-PaiNN and the MPNN on the same batches.
+"""Encoder training-step speed on real structures: SchNet now against SchNet as of e99ab7b, PaiNN
+now against PaiNN as of 29fd1f2, and the MPNN on the same batches.
 
 Every encoder sees the same pre-collated batches, drawn at random (seeded) from a shard directory
 (the first records of an archive are not typical: MP's first thousand crystals have half the atoms
 of a random one); each step is forward + loss + backward + AdamW step on one torch thread. The
-baseline is ``bench/_schnet_e99ab7b.py``, a frozen copy of SchNet before the speed work, measured
-in the same run, interleaved, with the same weights, so the ratio holds on a loaded machine and the
-largest embedding difference shows the outputs are unchanged.
+baselines are ``bench/_schnet_e99ab7b.py`` and ``bench/_painn_29fd1f2.py``, frozen copies from
+before each encoder's speed work, measured in the same run, interleaved, with the same weights, so
+the ratios hold on a loaded machine and the largest embedding difference shows the outputs are
+unchanged.
 
     .venv/bin/python bench/bench_schnet.py --data SHARDS --cutoff 8 [--data SHARDS --cutoff 5 ...]
 
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ENCODERS = ("schnet_e99ab7b", "schnet", "painn", "mpnn")
+ENCODERS = ("schnet_e99ab7b", "schnet", "painn_29fd1f2", "painn", "mpnn")
 
 
 def build(kind: str, cutoff: float) -> Any:
@@ -45,6 +46,10 @@ def build(kind: str, cutoff: float) -> Any:
         return Reference(SchNetConfig(hidden=64, interactions=3, n_rbf=50, cutoff=cutoff))
     if kind == "schnet":
         return SchNet(SchNetConfig(hidden=64, interactions=3, n_rbf=50, cutoff=cutoff))
+    if kind == "painn_29fd1f2":
+        from bench._painn_29fd1f2 import PaiNN as PaiNNReference
+
+        return PaiNNReference(PaiNNConfig(hidden=64, interactions=3, n_rbf=20, cutoff=cutoff))
     if kind == "painn":
         return PaiNN(PaiNNConfig(hidden=64, interactions=3, n_rbf=20, cutoff=cutoff))
     return MPNN(MPNNConfig(hidden=64, steps=3))
@@ -92,8 +97,10 @@ def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: in
         torch.manual_seed(0)
         nets[kind] = build(kind, cutoff)
     nets["schnet"].load_state_dict(nets["schnet_e99ab7b"].state_dict())
+    nets["painn"].load_state_dict(nets["painn_29fd1f2"].state_dict())
     with torch.no_grad():
         diff = max(float((nets["schnet"](b)[0] - nets["schnet_e99ab7b"](b)[0]).abs().max()) for b in graphs)
+        diff_painn = max(float((nets["painn"](b)[0] - nets["painn_29fd1f2"](b)[0]).abs().max()) for b in graphs)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in nets.items()}
 
     def run(kind: str) -> tuple[float, float]:
@@ -105,6 +112,7 @@ def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: in
                            "edges_per_batch": statistics.mean(b.g3d.num_edges() for b in graphs),
                            "atoms_per_batch": statistics.mean(b.g3d.num_nodes() for b in graphs),
                            "collate_graphs_per_s": collate_rate, "max_abs_embedding_diff": diff,
+                           "max_abs_embedding_diff_painn": diff_painn,
                            "repeats": {k: [] for k in nets}}
     for _ in range(repeats):
         for kind in nets:
@@ -114,6 +122,8 @@ def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: in
         out[kind] = {m: statistics.median(r[m] for r in out["repeats"][kind]) for m in ("wall", "cpu")}
     out["ratio_wall"] = out["schnet"]["wall"] / out["schnet_e99ab7b"]["wall"]
     out["ratio_cpu"] = out["schnet"]["cpu"] / out["schnet_e99ab7b"]["cpu"]
+    out["ratio_painn_wall"] = out["painn"]["wall"] / out["painn_29fd1f2"]["wall"]
+    out["ratio_painn_cpu"] = out["painn"]["cpu"] / out["painn_29fd1f2"]["cpu"]
     return out
 
 
@@ -141,20 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "schnet_speed.json").write_text(json.dumps(res, indent=1))
-    lines = ["# Encoder training step: SchNet now vs SchNet at e99ab7b, PaiNN, MPNN", "",
+    lines = ["# Encoder training step: SchNet now vs SchNet at e99ab7b, PaiNN now vs PaiNN at 29fd1f2, MPNN", "",
              f"`{res['command']}` on {res['date']}; {res['machine']['nproc']} cores, load average at start "
              f"{res['machine']['loadavg_start'][0]:.1f}; torch {res['torch']}, 1 thread. Width 64, 3 interactions "
              "(SchNet: 50 Gaussians; PaiNN: 20 sine functions; MPNN: 3 steps, set2set); random batches of 64 "
              "(seeded); forward + loss + backward + AdamW step; median of interleaved repeats. CPU time is "
              "reported beside wall time: it is less sensitive to other processes on a shared machine.", "",
              "| data (cutoff) | atoms / edges per batch | SchNet e99ab7b graphs/s (wall, CPU) | SchNet now "
-             "(wall, CPU) | ratio (wall, CPU) | max abs embedding diff | PaiNN (wall, CPU) | MPNN (wall, CPU) "
-             "| collate graphs/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "(wall, CPU) | ratio (wall, CPU) | max abs embedding diff | PaiNN 29fd1f2 (wall, CPU) | PaiNN now "
+             "(wall, CPU) | ratio (wall, CPU) | max abs embedding diff | MPNN (wall, CPU) | collate graphs/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         pair = lambda k: f"{r[k]['wall']:.0f}, {r[k]['cpu']:.0f}"  # noqa: E731
         lines.append(f"| {r['data']} ({r['cutoff']:g} A) | {r['atoms_per_batch']:.0f} / {r['edges_per_batch']:.0f} | "
                      f"{pair('schnet_e99ab7b')} | {pair('schnet')} | {r['ratio_wall']:.2f}x, {r['ratio_cpu']:.2f}x | "
-                     f"{r['max_abs_embedding_diff']:.1e} | {pair('painn')} | {pair('mpnn')} | "
+                     f"{r['max_abs_embedding_diff']:.1e} | {pair('painn_29fd1f2')} | {pair('painn')} | "
+                     f"{r['ratio_painn_wall']:.2f}x, {r['ratio_painn_cpu']:.2f}x | "
+                     f"{r['max_abs_embedding_diff_painn']:.1e} | {pair('mpnn')} | "
                      f"{r['collate_graphs_per_s']:.0f} |")
     (out / "schnet_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -527,6 +527,7 @@ def test_painn_cutoff_and_continuity(qm9_records: list) -> None:
 
 def test_painn_message_matches_dense_reference(qm9_records: list) -> None:
     """The first message block on the graph equals its all-pairs definition with einsum."""
+    from pipeline.models.painn import enveloped_radial
     from pipeline.models.schnet import cosine_cutoff
 
     record = next(r for r in qm9_records if len(r["z"]) >= 12)
@@ -553,8 +554,9 @@ def test_painn_message_matches_dense_reference(qm9_records: list) -> None:
         vec = pos[src] - pos[dst]
         dd = vec.norm(dim=-1)
         keep = dd < 4.0
-        s_g, v_g = block(s, v.permute(1, 0, 2), src[keep], dst[keep], net.rbf(dd[keep]),
-                         cosine_cutoff(dd[keep], 4.0).unsqueeze(-1), (vec[keep] / dd[keep].unsqueeze(-1)).T.unsqueeze(-1))
+        radial = enveloped_radial(net.rbf(dd[keep]), cosine_cutoff(dd[keep], 4.0).unsqueeze(-1))
+        s_g, v_g = block(s, v.permute(1, 0, 2), src[keep], dst[keep], radial,
+                         (vec[keep] / dd[keep].unsqueeze(-1)).T.unsqueeze(-1))
         v_g = v_g.permute(1, 0, 2)
     _close(s_g, s_ref, 1e-8)
     _close(v_g, v_ref, 1e-8)
