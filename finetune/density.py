@@ -227,8 +227,10 @@ def finetune_density(data: str | Path, out: str | Path, config: Config, init: st
     """
     out = Path(out)
     dcfg = config.density
-    tcfg = config.train.model_copy(update={"batch_size": dcfg.batch_size})
     manifest = load_manifest(data)
+    # density.batch_size replaces train.batch_size; an auto lr comes from train.by_kind
+    tcfg = config.train.resolve(dataset_kinds(manifest)).model_copy(update={"batch_size": dcfg.batch_size})
+    config = config.model_copy(update={"train": tcfg})
     facts = _check_density_data(manifest, str(data))
     _check_baseline(dcfg, facts, sorted(load_stats(data)["elements"]), str(data))
     split = load_split(data)

@@ -102,6 +102,12 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     specs = target_specs(manifest["targets"], fcfg.targets, fcfg.log10_targets, fcfg.extensive_targets, fcfg.loss_weights,
                          fcfg.gated_targets, fcfg.composition_baseline_targets)
     kinds = dataset_kinds(manifest)
+    if not tcfg.is_resolved():
+        # like the loss: resolved before the run's identity, so a resumed run keeps its settings
+        tcfg = tcfg.resolve(kinds)
+        config = config.model_copy(update={"train": tcfg})
+        if rank == 0:
+            log.info("lr %g, batch size %d for %s data (train.by_kind)", tcfg.lr, tcfg.batch_size, "/".join(kinds))
     if fcfg.loss == AUTO:
         # resolved before the run's identity is taken: a resumed run keeps the loss it started with
         fcfg = fcfg.model_copy(update={"loss": fcfg.resolved_loss(kinds)})

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from pipeline import MolmatError, __version__
 from pipeline.config import Config, load_config
 
@@ -406,6 +408,11 @@ def _headline_finetune(out: Path) -> str:
                           if isinstance(model.get(s), dict))
     loss = conf.get("finetune", {}).get("loss")
     encoders += f", {loss} loss" if encoders and loss else ""
+    # lr and batch size on auto also depend on the kind; the run's resolved config has the values used
+    resolved = out / "config.resolved.yaml"
+    train = (yaml.safe_load(resolved.read_text()) or {}).get("train", {}) if resolved.exists() else {}
+    if encoders and isinstance(train.get("lr"), (int, float)) and isinstance(train.get("batch_size"), int):
+        encoders += f", lr {train['lr']:g}, batch {train['batch_size']}"
     return (f"{encoders + ': ' if encoders else ''}best val MAE/spread {r['best_metric']:.4g} at epoch "
             f"{r['best_epoch']} of {r['epochs_run']} (stopped by {r['stopped_by']})")
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pipeline import MolmatError
 from pipeline.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_mean, any_flag, scaled_lr
@@ -316,6 +317,9 @@ class Trainer:
     def __init__(self, model: nn.Module, task: Task, train_set: Any, val_set: Any, cfg: TrainConfig, out: str | Path,
                  param_groups: Sequence[dict[str, Any]] | None = None, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None, callbacks: Sequence[Callback] = ()) -> None:
+        if not cfg.is_resolved():
+            raise MolmatError("train.lr or train.batch_size is still 'auto': resolve the config for the data's "
+                              "kind first (TrainConfig.resolve)")
         self.task, self.cfg, self.out = task, cfg, Path(out)
         self.rank, self.world = rank, world_size
         self.device = device or pick_device(cfg.device)
@@ -349,6 +353,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.sampler.order()) / cfg.batch_size)
         self.schedule = _Schedule(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
         self.state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": math.inf, "best_epoch": -1,
+                      "batch_size": cfg.batch_size,
                       "bad_epochs": 0, "elapsed": 0.0, "epoch_loss_sum": 0.0, "epoch_loss_count": 0,
                       "epoch_parts": {}}
         # imported here: pipeline.plots subclasses Callback from this module
@@ -387,6 +392,12 @@ class Trainer:
         if not path.exists():
             return False
         ckpt = load_training_state(path, self.raw_model, self.optimizer)
+        saved = ckpt["state"].get("batch_size")
+        if saved is not None and saved != self.cfg.batch_size:
+            # the position within the epoch is counted in batches: another size would skip other records
+            raise MolmatError(f"{path} was saved by a run with train.batch_size={saved}; this run has "
+                              f"{self.cfg.batch_size}. Resume with --set train.batch_size={saved}, or start afresh "
+                              "with --restart")
         self.schedule.load_state_dict(ckpt["schedule"])
         self.state.update(ckpt["state"])
         if self.rank == 0:

@@ -102,6 +102,10 @@ def pretrain(data: list[str | Path], out: str | Path, config: Config, rank: int 
     manifests = [(str(d), load_manifest(d)) for d in data]
     featurization = _common_featurization(manifests)
     kinds = sorted({k for _, m in manifests for k in dataset_kinds(m)})
+    # the molecule entry whatever the data: a contrastive batch is also the negatives, and pretraining
+    # was measured with 64 (train.by_kind's crystal entry was measured on property fine-tuning)
+    tcfg = tcfg.resolve(["molecule"])
+    config = config.model_copy(update={"train": tcfg})
     encoder2d = config.model.encoder2d
     if encoder2d == AUTO:
         # pretraining always aligns a 2D encoder: an auto slot that the data's kind leaves empty

@@ -280,6 +280,9 @@ def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
     # finetune.loss auto, resolved for crystals, recorded where curvature and resumes read it
     assert json.loads((tmp_path / "mp" / "best" / "config.json").read_text())["finetune"]["loss"] == "l1"
     assert json.loads((tmp_path / "mp" / "run.json").read_text())["finetune"]["loss"] == "l1"
+    # train.lr auto, resolved for crystals (train.by_kind) and recorded; the batch size set is kept
+    train = yaml.safe_load((tmp_path / "mp" / "config.resolved.yaml").read_text())["train"]
+    assert (train["lr"], train["batch_size"]) == (0.002, 32)
     m = evaluate(tmp_path / "mp", mp_shards, "test")
     assert set(m["targets"]) == {"band_gap_eV", "formation_energy_per_atom_eV", "K_VRH_GPa", "G_VRH_GPa"}
     assert m["targets"]["K_VRH_GPa"]["count"] < m["targets"]["band_gap_eV"]["count"]
@@ -341,11 +344,12 @@ def test_molmat_run_end_to_end(tmp_path):
     # model slots on auto: the molecules get the MPNN, the crystals the crystal default (3D only)
     rows = [line.split("|") for line in summary.splitlines() if line.startswith("| finetune |")]
     assert len(rows) == 4
-    assert all("mpnn (2D), mse loss: best val" in r[5] for r in rows if r[2].strip().startswith("qm9")), summary
+    assert all("mpnn (2D), mse loss, lr 0.001, batch 32: best val" in r[5] for r in rows if r[2].strip().startswith("qm9")), summary
     # crystals: PaiNN from scratch; from the encoder, its pretrained 3D encoder (SchNet); the crystal loss (l1)
+    # and learning rate (train.by_kind; the batch size is set above)
     mp_rows = {r[4].strip().split("/")[-1]: r[5] for r in rows if r[2].strip().startswith("mp")}
-    assert "painn (3D), l1 loss: best val" in mp_rows["scratch"], summary
-    assert "schnet (3D), l1 loss: best val" in mp_rows["pretrained"], summary
+    assert "painn (3D), l1 loss, lr 0.002, batch 32: best val" in mp_rows["scratch"], summary
+    assert "schnet (3D), l1 loss, lr 0.002, batch 32: best val" in mp_rows["pretrained"], summary
     assert "test MAE homo_Ha" in r.stdout and "val contrastive accuracy" in r.stdout
 
     before = {p: p.stat().st_mtime_ns for p in outputs}
@@ -438,6 +442,40 @@ def test_predict_refuses_a_crystal_for_a_molecule_model_and_flags_new_elements(t
     assert domain_check(rec, {"kinds": ["molecule"], "elements": ["H", "N", "O", "F"]}) == (
         "", "element(s) C not in the training data; the prediction is an extrapolation")
     assert domain_check(rec, {"kinds": ["molecule"], "elements": ["H", "C", "N", "O", "F"]}) == ("", "")
+
+
+def test_lr_and_batch_size_auto_by_kind_and_explicit_choice_wins():
+    cfg = load_config(None, [])
+    assert (cfg.train.lr, cfg.train.batch_size) == ("auto", "auto") and not cfg.train.is_resolved()
+    crystal, molecule = cfg.train.resolve(["crystal"]), cfg.train.resolve(["molecule"])
+    assert (crystal.lr, crystal.batch_size) == (0.002, 32) and crystal.is_resolved()
+    assert (molecule.lr, molecule.batch_size) == (0.001, 64)
+    mixed = cfg.train.resolve(["crystal", "molecule"])  # mixed data: the molecule default
+    assert (mixed.lr, mixed.batch_size) == (0.001, 64)
+    mine = load_config(None, ["train.lr=0.0005", "train.by_kind.crystal.batch_size=16"]).train.resolve(["crystal"])
+    assert (mine.lr, mine.batch_size) == (0.0005, 16)
+    for bad in ("train.lr=-1", "train.batch_size=0", "train.lr=fast"):
+        with pytest.raises(MolmatError, match="train"):
+            load_config(None, [bad])
+
+
+def test_the_trainer_refuses_an_unresolved_config(tmp_path):
+    from pipeline.config import TrainConfig
+    from pipeline.training import Trainer
+
+    with pytest.raises(MolmatError, match="still 'auto'"):
+        Trainer(torch.nn.Linear(1, 1), None, [], [], TrainConfig(), tmp_path)
+
+
+def test_a_resume_with_another_batch_size_is_refused(qm9_shards, tmp_path):
+    """The position within an epoch is counted in batches: resuming with another size would skip
+    other records, so it is refused with the size to resume with (what an auto size change could do)."""
+    run = tmp_path / "run"
+    finetune(qm9_shards, run, _cfg("train.epochs=1", "finetune.targets=[gap_Ha]"))
+    with pytest.raises(MolmatError, match="train.batch_size=32; this run has 16. Resume with --set train.batch_size=32"):
+        finetune(qm9_shards, run, _cfg("train.epochs=2", "finetune.targets=[gap_Ha]", "train.batch_size=16"))
+    finetune(qm9_shards, run, _cfg("train.epochs=2", "finetune.targets=[gap_Ha]"))  # the same size resumes
+    assert json.loads((run / "result.json").read_text())["epochs_run"] == 2
 
 
 def test_loss_auto_by_kind_and_explicit_choice_wins():
