@@ -280,9 +280,9 @@ def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
     # finetune.loss auto, resolved for crystals, recorded where curvature and resumes read it
     assert json.loads((tmp_path / "mp" / "best" / "config.json").read_text())["finetune"]["loss"] == "l1"
     assert json.loads((tmp_path / "mp" / "run.json").read_text())["finetune"]["loss"] == "l1"
-    # train.lr auto, resolved for crystals (train.by_kind) and recorded; the batch size set is kept
+    # train.lr and batch_size auto, resolved for crystals (train.by_kind; the batch size set is kept) and recorded
     train = yaml.safe_load((tmp_path / "mp" / "config.resolved.yaml").read_text())["train"]
-    assert (train["lr"], train["batch_size"]) == (0.002, 32)
+    assert (train["lr"], train["batch_size"]) == (0.001, 32)
     m = evaluate(tmp_path / "mp", mp_shards, "test")
     assert set(m["targets"]) == {"band_gap_eV", "formation_energy_per_atom_eV", "K_VRH_GPa", "G_VRH_GPa"}
     assert m["targets"]["K_VRH_GPa"]["count"] < m["targets"]["band_gap_eV"]["count"]
@@ -346,10 +346,10 @@ def test_molmat_run_end_to_end(tmp_path):
     assert len(rows) == 4
     assert all("mpnn (2D), mse loss, lr 0.001, batch 32: best val" in r[5] for r in rows if r[2].strip().startswith("qm9")), summary
     # crystals: PaiNN from scratch; from the encoder, its pretrained 3D encoder (SchNet); the crystal loss (l1)
-    # and learning rate (train.by_kind; the batch size is set above)
+    # and the lr and batch size (train.by_kind, the batch size set above anyway)
     mp_rows = {r[4].strip().split("/")[-1]: r[5] for r in rows if r[2].strip().startswith("mp")}
-    assert "painn (3D), l1 loss, lr 0.002, batch 32: best val" in mp_rows["scratch"], summary
-    assert "schnet (3D), l1 loss, lr 0.002, batch 32: best val" in mp_rows["pretrained"], summary
+    assert "painn (3D), l1 loss, lr 0.001, batch 32: best val" in mp_rows["scratch"], summary
+    assert "schnet (3D), l1 loss, lr 0.001, batch 32: best val" in mp_rows["pretrained"], summary
     assert "test MAE homo_Ha" in r.stdout and "val contrastive accuracy" in r.stdout
 
     before = {p: p.stat().st_mtime_ns for p in outputs}
@@ -448,8 +448,11 @@ def test_lr_and_batch_size_auto_by_kind_and_explicit_choice_wins():
     cfg = load_config(None, [])
     assert (cfg.train.lr, cfg.train.batch_size) == ("auto", "auto") and not cfg.train.is_resolved()
     crystal, molecule = cfg.train.resolve(["crystal"]), cfg.train.resolve(["molecule"])
-    assert (crystal.lr, crystal.batch_size) == (0.002, 32) and crystal.is_resolved()
+    assert (crystal.lr, crystal.batch_size) == (0.001, 64) and crystal.is_resolved()
     assert (molecule.lr, molecule.batch_size) == (0.001, 64)
+    other = load_config(None, ["train.by_kind.crystal={lr: 0.0005, batch_size: 16}"]).train
+    assert (other.resolve(["crystal"]).lr, other.resolve(["crystal"]).batch_size) == (0.0005, 16)
+    assert other.resolve(["molecule"]).batch_size == 64
     mixed = cfg.train.resolve(["crystal", "molecule"])  # mixed data: the molecule default
     assert (mixed.lr, mixed.batch_size) == (0.001, 64)
     mine = load_config(None, ["train.lr=0.0005", "train.by_kind.crystal.batch_size=16"]).train.resolve(["crystal"])
