@@ -336,8 +336,18 @@ class _Workers:
         return ProcessPoolExecutor(self.n, mp_context=self.ctx, initializer=_init_worker, initargs=self.initargs)
 
     def submit(self, chunk: list[tuple[int, RawRecord]]) -> Future:
-        """Featurise a chunk in a worker; the future's result is :func:`_process_chunk`'s."""
-        return self.pool.submit(_process_chunk, chunk)
+        """Featurise a chunk in a worker; the future's result is :func:`_process_chunk`'s.
+
+        A pool that broke before the chunk was queued (a worker died while others were pending)
+        gives a future failed with ``BrokenProcessPool``, not an exception here, so callers handle
+        it like a chunk that was in flight when the worker died.
+        """
+        try:
+            return self.pool.submit(_process_chunk, chunk)
+        except BrokenProcessPool as exc:
+            failed: Future = Future()
+            failed.set_exception(exc)
+            return failed
 
     def restart(self) -> None:
         """Stop every worker of a broken pool and start fresh ones."""

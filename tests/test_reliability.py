@@ -123,9 +123,21 @@ def min_distance(pos: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------ 1. dead workers, degenerate cells
-def test_a_dead_worker_is_noticed_and_only_its_record_is_rejected(tmp_path, monkeypatch):
-    """A worker killed by SIGKILL (what the OOM killer sends) hung the run forever."""
+@pytest.mark.parametrize("slow_submit", [False, True])
+def test_a_dead_worker_is_noticed_and_only_its_record_is_rejected(tmp_path, monkeypatch, slow_submit):
+    """A worker killed by SIGKILL (what the OOM killer sends) hung the run forever. With
+    ``slow_submit`` the pool has time to notice the death before the next chunk is queued (what a
+    loaded machine does): queueing then raised BrokenProcessPool out of the run."""
     import pipeline.preprocess as pre
+
+    if slow_submit:
+        submit = pre._Workers.submit
+
+        def late(self, chunk):
+            time.sleep(0.3)
+            return submit(self, chunk)
+
+        monkeypatch.setattr(pre._Workers, "submit", late)
 
     src = tmp_path / "xyz"
     src.mkdir()
