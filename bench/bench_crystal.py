@@ -115,6 +115,14 @@ def base_model(model: str) -> str:
     return match["base"] if match else model
 
 
+def run_failure(logf: Path, rc: int | None = None) -> str:
+    """What a run without test metrics was, from its log: ``diverged`` (a result: a setting at the edge
+    of stability, counted in the report), another failure (its exit status and log), or ``not run``."""
+    if logf.exists() and "training diverged" in logf.read_text(errors="replace"):
+        return "diverged"
+    return f"rc {rc}, log {logf}" if rc is not None else "not run"
+
+
 def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, minutes: float, work: Path) -> dict[str, Any]:
     """Fine-tune and evaluate one molmat model (reused when its evaluation already exists).
 
@@ -141,7 +149,7 @@ def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, min
             if rc == 0:
                 rc = subprocess.call([MOLMAT, *ev], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if rc != 0:
-            return {"error": f"rc {rc}, log {logf}"}
+            return {"error": run_failure(logf, rc)}
         log(f"done {run.name}")
     metrics = json.loads(metrics_file.read_text())
     timing = json.loads((run / "timing.json").read_text())
@@ -265,10 +273,8 @@ def _job(args: tuple) -> tuple[tuple, dict[str, Any]]:
         done = (Path(work) / "baselines" / f"{dataset}_{pool}_{model}_s{seed}.json" if model in BASELINES else
                 Path(work) / "runs" / run_name(dataset, pool, model, seed) / "eval_test" / "metrics.json")
         if not done.exists():
-            logf = Path(work) / "logs" / f"{run_name(dataset, pool, model, seed)}.log"
-            # a run that diverged is a result (a setting at the edge of stability), not a gap
-            diverged = logf.exists() and "training diverged" in logf.read_text(errors="replace")
-            return (dataset, model, pool, seed), {"error": "diverged" if diverged else "not run"}
+            return (dataset, model, pool, seed), {"error": run_failure(
+                Path(work) / "logs" / f"{run_name(dataset, pool, model, seed)}.log")}
     try:
         if model in BASELINES:
             cache = Path(work) / "baselines" / f"{dataset}_{pool}_{model}_s{seed}.json"

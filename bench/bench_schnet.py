@@ -33,6 +33,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 ENCODERS = ("schnet_e99ab7b", "schnet", "painn_29fd1f2", "painn", "mpnn")
+#: Each encoder measured against its frozen copy: the copy, and the suffix of its result keys.
+BASELINES = {"schnet": ("schnet_e99ab7b", ""), "painn": ("painn_29fd1f2", "_painn")}
 
 
 def build(kind: str, cutoff: float) -> Any:
@@ -96,11 +98,12 @@ def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: in
     for kind in ENCODERS:
         torch.manual_seed(0)
         nets[kind] = build(kind, cutoff)
-    nets["schnet"].load_state_dict(nets["schnet_e99ab7b"].state_dict())
-    nets["painn"].load_state_dict(nets["painn_29fd1f2"].state_dict())
-    with torch.no_grad():
-        diff = max(float((nets["schnet"](b)[0] - nets["schnet_e99ab7b"](b)[0]).abs().max()) for b in graphs)
-        diff_painn = max(float((nets["painn"](b)[0] - nets["painn_29fd1f2"](b)[0]).abs().max()) for b in graphs)
+    diffs = {}
+    for kind, (frozen, suffix) in BASELINES.items():
+        nets[kind].load_state_dict(nets[frozen].state_dict())
+        with torch.no_grad():
+            diffs[f"max_abs_embedding_diff{suffix}"] = max(
+                float((nets[kind](b)[0] - nets[frozen](b)[0]).abs().max()) for b in graphs)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in nets.items()}
 
     def run(kind: str) -> tuple[float, float]:
@@ -111,19 +114,16 @@ def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: in
     out: dict[str, Any] = {"data": data, "cutoff": cutoff, "graphs": n, "batch_size": batch_size, "seed": seed,
                            "edges_per_batch": statistics.mean(b.g3d.num_edges() for b in graphs),
                            "atoms_per_batch": statistics.mean(b.g3d.num_nodes() for b in graphs),
-                           "collate_graphs_per_s": collate_rate, "max_abs_embedding_diff": diff,
-                           "max_abs_embedding_diff_painn": diff_painn,
-                           "repeats": {k: [] for k in nets}}
+                           "collate_graphs_per_s": collate_rate, **diffs, "repeats": {k: [] for k in nets}}
     for _ in range(repeats):
         for kind in nets:
             w, c = run(kind)
             out["repeats"][kind].append({"wall": w, "cpu": c, "load": os.getloadavg()[0]})
     for kind in nets:
         out[kind] = {m: statistics.median(r[m] for r in out["repeats"][kind]) for m in ("wall", "cpu")}
-    out["ratio_wall"] = out["schnet"]["wall"] / out["schnet_e99ab7b"]["wall"]
-    out["ratio_cpu"] = out["schnet"]["cpu"] / out["schnet_e99ab7b"]["cpu"]
-    out["ratio_painn_wall"] = out["painn"]["wall"] / out["painn_29fd1f2"]["wall"]
-    out["ratio_painn_cpu"] = out["painn"]["cpu"] / out["painn_29fd1f2"]["cpu"]
+    for kind, (frozen, suffix) in BASELINES.items():
+        for m in ("wall", "cpu"):
+            out[f"ratio{suffix}_{m}"] = out[kind][m] / out[frozen][m]
     return out
 
 

@@ -288,6 +288,8 @@ class HeadsConfig(_Section):
 
 #: The encoder a slot gets when a config fills it without naming one.
 _SLOT_DEFAULTS = {"encoder2d": "mpnn", "encoder3d": "schnet"}
+
+
 class SlotDefaults(_Section):
     """What the two encoder slots hold for one kind of data when they are ``auto``."""
 
