@@ -80,6 +80,11 @@ for _k, _sets in {"bs32": ["train.lr=0.001", "train.batch_size=32"], "lr2e-3": [
                   "lr2e-3_bs32": ["train.lr=0.002", "train.batch_size=32"],
                   "lr3e-3_bs32": ["train.lr=0.003", "train.batch_size=32"]}.items():
     MODELS[f"painn_l1_{_k}"] = [x for x in MODELS["painn_l1"] if x not in OPTIM] + _sets
+#: The same settings with ``block_norm`` PaiNN blocks (each block reads LayerNorm-ed scalars and
+#: RMS-bounded vectors, so no state compounds through the blocks; PaiNNConfig.block_norm).
+for _k in ("lr2e-3_bs32", "lr3e-3_bs32"):
+    MODELS[f"painn_l1_bn_{_k}"] = [x.replace("cutoff: 8.0}", "cutoff: 8.0, block_norm: true}")
+                                   for x in MODELS[f"painn_l1_{_k}"]]
 #: ``painn_l1`` again with the faster PaiNN of d1422e6 (same outputs, ~1.2x the steps in the budget):
 #: the control that separates the optimisation settings above from the speed-up.
 MODELS["painn_l1_d1422e6"] = MODELS["painn_l1"]

@@ -272,6 +272,9 @@ class PaiNNConfig(_EncoderSection):
     n_rbf: int = Field(20, ge=2, description="sine radial basis functions sin(n pi d / cutoff) / d")
     cutoff: float = Field(5.0, gt=0, description="model cutoff (Angstrom); must not exceed the shard's cutoff")
     readout: Literal["mean", "sum"] = "mean"
+    block_norm: bool = Field(False, description="normalise each block's input states (LayerNorm on scalars, RMS "
+                                                "over channels on vectors) so that no state compounds through the "
+                                                "blocks: stable at learning rates where the plain blocks overflow")
 
 
 #: Any encoder's config, told apart by ``name`` (a discriminated union: plain imports, no registry).

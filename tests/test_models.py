@@ -246,7 +246,8 @@ def test_schnet_shapes(qm9_records: list, mp_records: list) -> None:
         assert not torch.allclose(graph[0], graph[1])
 
 
-BUILDERS_3D = {"schnet": lambda **kw: _schnet(**kw), "painn": lambda **kw: _painn(**kw)}
+BUILDERS_3D = {"schnet": lambda **kw: _schnet(**kw), "painn": lambda **kw: _painn(**kw),
+               "painn_block_norm": lambda **kw: _painn(block_norm=True, **kw)}
 
 
 @pytest.mark.parametrize("encoder", list(BUILDERS_3D))
@@ -462,8 +463,9 @@ def _painn(**kwargs: Any) -> PaiNN:
     return PaiNN(PaiNNConfig(**{"hidden": 16, "interactions": 2, "n_rbf": 12, **kwargs})).eval()
 
 
-def test_painn_shapes_and_vector_equivariance(qm9_records: list, mp_records: list) -> None:
-    net = _painn(readout="sum")
+@pytest.mark.parametrize("block_norm", [False, True])
+def test_painn_shapes_and_vector_equivariance(block_norm: bool, qm9_records: list, mp_records: list) -> None:
+    net = _painn(readout="sum", block_norm=block_norm)
     assert net.out_dim == net.node_dim == 16
     rot = T.random_rotation(5)
     for records in (qm9_records[:8], mp_records[:8]):
@@ -525,13 +527,15 @@ def test_painn_cutoff_and_continuity(qm9_records: list) -> None:
     _close(out[0], out[1], 1e-3)
 
 
-def test_painn_message_matches_dense_reference(qm9_records: list) -> None:
-    """The first message block on the graph equals its all-pairs definition with einsum."""
+@pytest.mark.parametrize("block_norm", [False, True])
+def test_painn_message_matches_dense_reference(block_norm: bool, qm9_records: list) -> None:
+    """The first message block on the graph equals its all-pairs definition with einsum (with
+    block_norm: on the LayerNorm of the scalars and the RMS-normalised vectors, written out)."""
     from pipeline.models.painn import enveloped_radial
     from pipeline.models.schnet import cosine_cutoff
 
     record = next(r for r in qm9_records if len(r["z"]) >= 12)
-    net = _painn(cutoff=4.0)
+    net = _painn(cutoff=4.0, block_norm=block_norm)
     batch = collate([record])
     pos = batch.g3d.ndata["pos"].double()
     net = net.double()
@@ -544,12 +548,18 @@ def test_painn_message_matches_dense_reference(qm9_records: list) -> None:
         d_safe = torch.where(off, dist, torch.ones_like(dist))
         block = net.messages[0]
         w = block.filter(net.rbf(d_safe)) * cosine_cutoff(d_safe, 4.0).unsqueeze(-1) * off.unsqueeze(-1)
-        phi = block.phi(s)
+        s_in, v_in = s, v
+        if block_norm:
+            norm = block.s_norm
+            s_in = (s - s.mean(-1, keepdim=True)) / torch.sqrt(s.var(-1, unbiased=False, keepdim=True) + norm.eps)
+            s_in = s_in * norm.weight + norm.bias
+            v_in = v / torch.sqrt(1.0 + (v ** 2).sum(dim=(1, 2), keepdim=True) / 16)
+        phi = block.phi(s_in)
         x = phi.unsqueeze(0) * w                             # [i, j, 3F]
         x_vv, x_s, x_vs = x.split(16, dim=-1)
         s_ref = s + x_s.sum(1)
         unit = rij / d_safe.unsqueeze(-1)
-        v_ref = v + torch.einsum("ijf,jcf->icf", x_vv, v) + torch.einsum("ijf,ijc->icf", x_vs, unit)
+        v_ref = v + torch.einsum("ijf,jcf->icf", x_vv, v_in) + torch.einsum("ijf,ijc->icf", x_vs, unit)
         src, dst = batch.g3d.edges()
         vec = pos[src] - pos[dst]
         dd = vec.norm(dim=-1)
@@ -560,6 +570,54 @@ def test_painn_message_matches_dense_reference(qm9_records: list) -> None:
         v_g = v_g.permute(1, 0, 2)
     _close(s_g, s_ref, 1e-8)
     _close(v_g, v_ref, 1e-8)
+
+
+def test_painn_block_norm_keeps_states_from_compounding(mp_records: list) -> None:
+    """The failure block_norm exists for, on real crystals at the crystal default cutoff: with the
+    block weights doubled (as a large learning-rate step can do), the plain blocks' scalars grow
+    by many orders of magnitude from block to block (each update multiplies states by functions
+    of themselves) and overflow float32; block-normalised blocks add bounded increments."""
+    batch = collate(mp_records)
+
+    def scalar_sizes(block_norm: bool) -> list[float]:
+        torch.manual_seed(0)
+        net = PaiNN(PaiNNConfig(cutoff=8.0, block_norm=block_norm)).eval()
+        sizes: list[float] = []
+        with torch.no_grad():
+            for block in [*net.messages, *net.updates]:
+                for name, p in block.named_parameters():
+                    if not name.startswith("s_norm"):
+                        p.mul_(2.0)
+            for update in net.updates:
+                update.register_forward_hook(lambda _m, _i, out: sizes.append(float(out[0].abs().max())))
+            net(batch)
+        return sizes
+
+    plain, normed = scalar_sizes(False), scalar_sizes(True)
+    assert len(plain) == len(normed) == 3
+    assert not math.isfinite(plain[-1]) or plain[-1] > 1e12 * plain[0]
+    assert all(math.isfinite(x) for x in normed) and max(normed) < 3 * normed[0]
+
+
+def test_vector_rms_norm_against_a_loop() -> None:
+    """Each atom's (3, F) block divided by sqrt(1 + mean over channels of |v_f|^2), checked atom by
+    atom: long vectors end near unit RMS length, short ones (symmetry-cancelled noise) are not
+    blown up, zero stays zero, and the result rotates with the input."""
+    from pipeline.models.painn import vector_rms_norm
+
+    v = torch.randn(3, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v[:, 1] *= 1e4
+    v[:, 2] = 0.0
+    v[:, 3] *= 1e-7
+    out = vector_rms_norm(v)
+    for n in range(5):
+        mean_sq = sum(float(v[:, n, f] @ v[:, n, f]) for f in range(8)) / 8
+        _close(out[:, n], v[:, n] / math.sqrt(1.0 + mean_sq), 1e-12)
+    assert abs(float(out[:, 1].square().sum()) / 8 - 1.0) < 1e-6
+    assert out[:, 2].abs().max() == 0
+    _close(out[:, 3], v[:, 3], 1e-12)
+    rot = torch.as_tensor(T.random_rotation(1), dtype=torch.float64)
+    _close(vector_rms_norm(torch.einsum("ij,jnf->inf", rot, v)), torch.einsum("ij,jnf->inf", rot, out), 1e-12)
 
 
 def test_painn_first_block_skips_only_a_zero_term(mp_records: list) -> None:

@@ -17,6 +17,12 @@ scalars, invariant to rotation, translation, atom order and, for crystals, the c
 Unlike SchNet, which sees distances only, the vector channel lets a message depend on the
 angles between bonds (it is what makes PaiNN angle-aware at the cost of 3x the edge features).
 
+With ``block_norm`` (:attr:`PaiNNConfig.block_norm`, off by default so that saved models keep
+their architecture) each block reads its input through a LayerNorm on the scalars and
+:func:`vector_rms_norm` on the vectors and adds increments bounded by its weights. The plain
+update multiplies states by functions of themselves, so one large state compounds through the
+blocks: on MP crystals at lr 2e-3 a scalar grew 10 -> 331 -> 1.1e6 -> 2.7e25 and overflowed.
+
 Radial features are ``sin(n pi d / cutoff) / d``; each filter is multiplied by a cosine envelope
 that reaches zero at the cutoff, so the output is continuous as neighbours cross it and
 neighbours stored beyond the model cutoff do not matter. Message passing uses
@@ -44,6 +50,17 @@ if TYPE_CHECKING:
 # A norm of a vector channel that is exactly zero (every v starts at zero) has no derivative;
 # the small shift keeps the gradient finite and changes a norm by at most 1e-4.
 _NORM_EPS = 1e-8
+def vector_rms_norm(v: Tensor) -> Tensor:
+    """Each atom's vector channels divided by ``sqrt(1 + m)``, ``m`` their mean squared length over
+    the channels: (3, N, F) -> (3, N, F), component first.
+
+    Lengths are rotation-invariant, so the result rotates with ``v``. Its RMS length is below 1,
+    and vectors much shorter than 1 pass nearly unchanged: a plain division by ``sqrt(m)`` would
+    blow the float noise left where a crystal's symmetry cancels the vectors (``m`` ~ 1e-12) up to
+    unit length, differently in a supercell, and break the cell-choice invariance.
+    """
+    mean_sq = (v * v).sum(dim=0).mean(dim=-1, keepdim=True)  # (N, 1)
+    return v * torch.rsqrt(1.0 + mean_sq)
 
 
 class SineRBF(nn.Module):
@@ -65,13 +82,17 @@ class Message(nn.Module):
     Args:
         hidden: F, the width of the scalar state and of each vector channel.
         n_rbf: radial feature width.
+        block_norm: the senders' scalars go through a LayerNorm and their vectors through
+            :func:`vector_rms_norm` before they shape a message, so a message is bounded by the
+            weights whatever the states have grown to (``PaiNNConfig.block_norm``).
     """
 
-    def __init__(self, hidden: int, n_rbf: int) -> None:
+    def __init__(self, hidden: int, n_rbf: int, block_norm: bool = False) -> None:
         super().__init__()
         self.hidden = hidden
         self.phi = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
         self.filter = nn.Linear(n_rbf, 3 * hidden)
+        self.s_norm = nn.LayerNorm(hidden) if block_norm else None
 
     def forward(self, s: Tensor, v: Tensor, src: Tensor, dst: Tensor, radial: Tensor, unit: Tensor,
                 v_zero: bool = False) -> tuple[Tensor, Tensor]:
@@ -91,7 +112,7 @@ class Message(nn.Module):
             updated ``s`` (N, F) and ``v`` (3, N, F).
         """
         f = self.hidden
-        hid = self.phi[1](self.phi[0](s))
+        hid = self.phi[1](self.phi[0](s if self.s_norm is None else self.s_norm(s)))
         w_out, b_out = self.phi[2].weight, self.phi[2].bias
         w_filter = torch.cat([self.filter.weight, self.filter.bias.unsqueeze(-1)], dim=1)
 
@@ -110,7 +131,8 @@ class Message(nn.Module):
             # rows of the (3N, F) view, the edge indices repeated per component: one contiguous
             # row gather is ~3x faster than a gather along dim 1 (the sum below is not: it stays)
             n = v.shape[1]
-            v_src = v.reshape(-1, f).index_select(0, torch.cat([src, src + n, src + 2 * n])).view(dv.shape)
+            v_in = v if self.s_norm is None else vector_rms_norm(v)
+            v_src = v_in.reshape(-1, f).index_select(0, torch.cat([src, src + n, src + 2 * n])).view(dv.shape)
             dv = torch.addcmul(dv, v_src, part(0))
         s = s.index_add(0, dst, x_s)
         v = v.index_add(1, dst, dv)
@@ -122,21 +144,27 @@ class Update(nn.Module):
 
     Args:
         hidden: F.
+        block_norm: the block reads its input through a LayerNorm (scalars) and
+            :func:`vector_rms_norm` (vectors) and adds bounded increments: without it the
+            ``<U v, V v>`` and ``a_vv U v`` terms multiply states by functions of themselves, and a
+            large state compounds through the blocks (it overflowed float32 at lr 2e-3 on MP).
     """
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, block_norm: bool = False) -> None:
         super().__init__()
         self.hidden = hidden
         self.mix = nn.Linear(hidden, 2 * hidden, bias=False)  # U and V of the paper, side by side
         self.mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
+        self.s_norm = nn.LayerNorm(hidden) if block_norm else None
 
     def forward(self, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """(N, F) scalars and (3, N, F) vectors -> updated scalars and vectors."""
         f = self.hidden
+        s_in, v_in = (s, v) if self.s_norm is None else (self.s_norm(s), vector_rms_norm(v))
         # U and V applied separately: contiguous results, no strided halves of one product
-        uv, vv = F.linear(v, self.mix.weight[:f]), F.linear(v, self.mix.weight[f:])
+        uv, vv = F.linear(v_in, self.mix.weight[:f]), F.linear(v_in, self.mix.weight[f:])
         norm = torch.sqrt((vv * vv).sum(dim=0) + _NORM_EPS)
-        a = self.mlp(torch.cat([s, norm], dim=-1))
+        a = self.mlp(torch.cat([s_in, norm], dim=-1))
         a_vv, a_sv, a_ss = a.split(f, dim=-1)
         v = v + a_vv * uv
         s = s + a_sv * (uv * vv).sum(dim=0) + a_ss
@@ -169,8 +197,8 @@ class PaiNN(nn.Module):
         self.out_dim = self.node_dim = cfg.hidden
         self.embedding = nn.Embedding(MAX_Z + 1, cfg.hidden)
         self.rbf = SineRBF(cfg.n_rbf, cfg.cutoff)
-        self.messages = nn.ModuleList(Message(cfg.hidden, cfg.n_rbf) for _ in range(cfg.interactions))
-        self.updates = nn.ModuleList(Update(cfg.hidden) for _ in range(cfg.interactions))
+        self.messages = nn.ModuleList(Message(cfg.hidden, cfg.n_rbf, cfg.block_norm) for _ in range(cfg.interactions))
+        self.updates = nn.ModuleList(Update(cfg.hidden, cfg.block_norm) for _ in range(cfg.interactions))
         self.norm = nn.LayerNorm(cfg.hidden)
 
     def atom_states(self, batch: GraphBatch, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
