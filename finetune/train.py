@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from pipeline import MolmatError
 from pipeline.checkpoint import (PROPERTY_MODEL, data_identity, load_pretrained_encoders,
                                  prepare_run_dir, pretrained_model_config, save_model_dir)
-from pipeline.config import AUTO, Config, write_resolved
+from pipeline.config import AUTO, Config, ModelConfig, write_resolved
 from pipeline.distributed import gather_objects
 from pipeline.featurize import neighbour_cutoff
 from pipeline.graphs import GraphBatch, collate
@@ -30,6 +30,10 @@ from finetune.metrics import validation_metrics
 from finetune.modeldata import TargetColumns, predict_loader, target_columns
 
 log = logging.getLogger("molmat.finetune")
+
+#: The largest learning rate at which PaiNN's plain blocks trained in every run on MP crystals; at
+#: 2e-3 they diverged in 3 of 7 (bench/results/crystal_optim), with ``block_norm`` in none.
+PLAIN_PAINN_MAX_LR = 1e-3
 
 
 class PropertyTask:
@@ -129,6 +133,8 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         config.model = model_cfg
         if rank == 0:
             log.info("fine-tuning from %s: architecture of %s taken from it", init, ", ".join(slots))
+    if rank == 0:
+        warn_unstable_painn(model_cfg, tcfg.lr)
     if model_cfg.encoder3d is not None:
         if dataset_has_coordinates(manifest) != "all":
             raise MolmatError(f"{data}: model.encoder3d ({model_cfg.encoder3d.name}) needs 3D coordinates, but not every "
@@ -183,6 +189,18 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result.__dict__, indent=1))
     return result
+
+
+def warn_unstable_painn(model_cfg: ModelConfig, lr: float) -> bool:
+    """Log a warning, and return True, when the model's 3D encoder is a PaiNN without
+    ``block_norm`` and ``lr`` exceeds :data:`PLAIN_PAINN_MAX_LR` (the crystal ``auto`` lr does)."""
+    enc = model_cfg.encoder3d
+    if enc is None or enc.name != "painn" or enc.block_norm or lr <= PLAIN_PAINN_MAX_LR:
+        return False
+    log.warning("PaiNN without block_norm at lr %g: its states diverged in 3 of 7 runs at lr 0.002 on MP crystals "
+                "(bench/results/crystal_optim); set model.encoder3d.block_norm=true, or train.lr=%g", lr,
+                PLAIN_PAINN_MAX_LR)
+    return True
 
 
 def _param_groups(model: PropertyModel, freeze: bool, encoder_lr: float | None, lr: float) -> list[dict[str, Any]]:

@@ -282,7 +282,7 @@ def test_crystal_multitask_with_3d_encoder(mp_shards, tmp_path):
     assert json.loads((tmp_path / "mp" / "run.json").read_text())["finetune"]["loss"] == "l1"
     # train.lr and batch_size auto, resolved for crystals (train.by_kind; the batch size set is kept) and recorded
     train = yaml.safe_load((tmp_path / "mp" / "config.resolved.yaml").read_text())["train"]
-    assert (train["lr"], train["batch_size"]) == (0.001, 32)
+    assert (train["lr"], train["batch_size"]) == (0.002, 32)
     m = evaluate(tmp_path / "mp", mp_shards, "test")
     assert set(m["targets"]) == {"band_gap_eV", "formation_energy_per_atom_eV", "K_VRH_GPa", "G_VRH_GPa"}
     assert m["targets"]["K_VRH_GPa"]["count"] < m["targets"]["band_gap_eV"]["count"]
@@ -348,8 +348,8 @@ def test_molmat_run_end_to_end(tmp_path):
     # crystals: PaiNN from scratch; from the encoder, its pretrained 3D encoder (SchNet); the crystal loss (l1)
     # and the lr and batch size (train.by_kind, the batch size set above anyway)
     mp_rows = {r[4].strip().split("/")[-1]: r[5] for r in rows if r[2].strip().startswith("mp")}
-    assert "painn (3D), l1 loss, lr 0.001, batch 32: best val" in mp_rows["scratch"], summary
-    assert "schnet (3D), l1 loss, lr 0.001, batch 32: best val" in mp_rows["pretrained"], summary
+    assert "painn (3D), l1 loss, lr 0.002, batch 32: best val" in mp_rows["scratch"], summary
+    assert "schnet (3D), l1 loss, lr 0.002, batch 32: best val" in mp_rows["pretrained"], summary
     assert "test MAE homo_Ha" in r.stdout and "val contrastive accuracy" in r.stdout
 
     before = {p: p.stat().st_mtime_ns for p in outputs}
@@ -448,7 +448,7 @@ def test_lr_and_batch_size_auto_by_kind_and_explicit_choice_wins():
     cfg = load_config(None, [])
     assert (cfg.train.lr, cfg.train.batch_size) == ("auto", "auto") and not cfg.train.is_resolved()
     crystal, molecule = cfg.train.resolve(["crystal"]), cfg.train.resolve(["molecule"])
-    assert (crystal.lr, crystal.batch_size) == (0.001, 64) and crystal.is_resolved()
+    assert (crystal.lr, crystal.batch_size) == (0.002, 32) and crystal.is_resolved()
     assert (molecule.lr, molecule.batch_size) == (0.001, 64)
     other = load_config(None, ["train.by_kind.crystal={lr: 0.0005, batch_size: 16}"]).train
     assert (other.resolve(["crystal"]).lr, other.resolve(["crystal"]).batch_size) == (0.0005, 16)
@@ -460,6 +460,21 @@ def test_lr_and_batch_size_auto_by_kind_and_explicit_choice_wins():
     for bad in ("train.lr=-1", "train.batch_size=0", "train.lr=fast"):
         with pytest.raises(MolmatError, match="train"):
             load_config(None, [bad])
+
+
+def test_a_plain_painn_at_the_crystal_lr_is_warned_about(caplog):
+    from finetune.train import warn_unstable_painn
+
+    crystal = load_config(None, []).train.resolve(["crystal"]).lr
+    default = load_config(None, []).model.resolve(["crystal"])
+    plain = load_config(None, ["model.encoder3d={name: painn, cutoff: 8.0}"]).model.resolve(["crystal"])
+    schnet = load_config(None, ["model.encoder3d.name=schnet"]).model.resolve(["crystal"])
+    with caplog.at_level("WARNING", logger="molmat.finetune"):
+        assert not warn_unstable_painn(default, crystal)  # the crystal default has block_norm
+        assert not warn_unstable_painn(plain, 0.001) and not warn_unstable_painn(schnet, crystal)
+        assert not caplog.records
+        assert warn_unstable_painn(plain, crystal)
+    assert "block_norm=true" in caplog.records[-1].getMessage()
 
 
 def test_the_trainer_refuses_an_unresolved_config(tmp_path):
