@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 # A norm of a vector channel that is exactly zero (every v starts at zero) has no derivative;
 # the small shift keeps the gradient finite and changes a norm by at most 1e-4.
 _NORM_EPS = 1e-8
+
+
 def vector_rms_norm(v: Tensor) -> Tensor:
     """Each atom's vector channels divided by ``sqrt(1 + m)``, ``m`` their mean squared length over
     the channels: (3, N, F) -> (3, N, F), component first.
