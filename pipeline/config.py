@@ -273,10 +273,15 @@ class PaiNNConfig(_EncoderSection):
     interactions: int = Field(3, ge=1, description="number of message + update blocks")
     n_rbf: int = Field(20, ge=2, description="sine radial basis functions sin(n pi d / cutoff) / d")
     cutoff: float = Field(5.0, gt=0, description="model cutoff (Angstrom); must not exceed the shard's cutoff")
-    readout: Literal["mean", "sum"] = "mean"
+    readout: Literal["mean", "sum", "softmax"] = Field(
+        "mean", description="graph embedding: mean or sum of the atom scalars, or softmax: the mean next to a "
+        "learned per-channel softmax-weighted average (2 x hidden wide, intensive; pipeline.models.readout)")
     block_norm: bool = Field(False, description="normalise each block's input states (LayerNorm on scalars, RMS "
                                                 "over channels on vectors) so that no state compounds through the "
                                                 "blocks: stable at learning rates where the plain blocks overflow")
+    element_descriptors: bool = Field(False, description="add a learned projection of tabulated element properties "
+                                      "(pipeline/data/element_descriptors.csv: period, group, electronegativity, "
+                                      "valence electrons, ...) to each atom's learned embedding")
 
 
 #: Any encoder's config, told apart by ``name`` (a discriminated union: plain imports, no registry).

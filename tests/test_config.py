@@ -117,6 +117,7 @@ def test_auto_slots_take_the_per_kind_defaults():
     set3d = load_config(None, ["model.encoder3d={name: painn, cutoff: 6.0}"]).model.resolve(["crystal"])
     assert set3d.encoder2d is None and (set3d.encoder3d.name, set3d.encoder3d.cutoff) == ("painn", 6.0)
     assert not set3d.encoder3d.block_norm  # a slot that names an encoder starts from its defaults
+    assert not set3d.encoder3d.element_descriptors and set3d.encoder3d.readout == "mean"
     with pytest.raises(MolmatError, match="model.auto.crystal.encoder3d needs an encoder of the 3d graph"):
         load_config(None, ["model.auto.crystal.encoder3d={name: mpnn}"])
     with pytest.raises(MolmatError, match="must be resolved"):

@@ -247,7 +247,9 @@ def test_schnet_shapes(qm9_records: list, mp_records: list) -> None:
 
 
 BUILDERS_3D = {"schnet": lambda **kw: _schnet(**kw), "painn": lambda **kw: _painn(**kw),
-               "painn_block_norm": lambda **kw: _painn(block_norm=True, **kw)}
+               "painn_block_norm": lambda **kw: _painn(block_norm=True, **kw),
+               "painn_elements": lambda **kw: _painn(block_norm=True, element_descriptors=True, **kw),
+               "painn_softmax": lambda **kw: _painn(**{"block_norm": True, "readout": "softmax", **kw})}
 
 
 @pytest.mark.parametrize("encoder", list(BUILDERS_3D))

@@ -23,6 +23,13 @@ their architecture) each block reads its input through a LayerNorm on the scalar
 update multiplies states by functions of themselves, so one large state compounds through the
 blocks: on MP crystals at lr 2e-3 a scalar grew 10 -> 331 -> 1.1e6 -> 2.7e25 and overflowed.
 
+With ``element_descriptors`` each atom starts from its learned embedding plus a learned linear
+map of tabulated element properties (:mod:`pipeline.element_descriptors`: period, group,
+electronegativity, valence electrons, ...), so chemically similar elements start close together
+instead of at independent random points; the table is a buffer saved with the weights. With
+``readout: softmax`` the graph embedding is the mean of the final scalars next to a learned
+per-channel softmax-weighted average (:class:`pipeline.models.readout.SoftmaxReadout`).
+
 Radial features are ``sin(n pi d / cutoff) / d``; each filter is multiplied by a cosine envelope
 that reaches zero at the cutoff, so the output is continuous as neighbours cross it and
 neighbours stored beyond the model cutoff do not matter. Message passing uses
@@ -42,6 +49,7 @@ import dgl
 
 from pipeline import MolmatError
 from pipeline.config import PaiNNConfig
+from pipeline.models.readout import SoftmaxReadout
 from pipeline.models.schnet import cosine_cutoff
 
 if TYPE_CHECKING:
@@ -187,7 +195,7 @@ class PaiNN(nn.Module):
         cfg: hyper-parameters (:class:`PaiNNConfig`; defaults when None).
 
     Attributes:
-        out_dim: graph embedding width (``hidden``).
+        out_dim: graph embedding width (``hidden``; ``2 * hidden`` with the softmax readout).
         node_dim: atom scalar state width (``hidden``).
     """
 
@@ -196,8 +204,16 @@ class PaiNN(nn.Module):
 
         super().__init__()
         self.cfg = cfg = cfg or PaiNNConfig()
-        self.out_dim = self.node_dim = cfg.hidden
+        self.node_dim = cfg.hidden
+        self.out_dim = 2 * cfg.hidden if cfg.readout == "softmax" else cfg.hidden
+        self.pool = SoftmaxReadout(cfg.hidden) if cfg.readout == "softmax" else None
         self.embedding = nn.Embedding(MAX_Z + 1, cfg.hidden)
+        if cfg.element_descriptors:
+            from pipeline.element_descriptors import load_table
+
+            # a persistent buffer: a saved model carries the table it was trained with
+            self.register_buffer("descriptors", torch.from_numpy(load_table()))
+            self.descriptor_proj = nn.Linear(self.descriptors.shape[1], cfg.hidden, bias=False)
         self.rbf = SineRBF(cfg.n_rbf, cfg.cutoff)
         self.messages = nn.ModuleList(Message(cfg.hidden, cfg.n_rbf, cfg.block_norm) for _ in range(cfg.interactions))
         self.updates = nn.ModuleList(Update(cfg.hidden, cfg.block_norm) for _ in range(cfg.interactions))
@@ -231,6 +247,8 @@ class PaiNN(nn.Module):
         unit = (vec / d.unsqueeze(-1)).T.unsqueeze(-1)  # (3, E, 1), from the receiver towards the sender
         radial = enveloped_radial(self.rbf(d), cosine_cutoff(d, self.cfg.cutoff).unsqueeze(-1))
         s = self.embedding(g.ndata["z"])
+        if self.cfg.element_descriptors:
+            s = s + self.descriptor_proj(self.descriptors[g.ndata["z"]])
         v = s.new_zeros(3, s.shape[0], self.cfg.hidden)
         for i, (message, update) in enumerate(zip(self.messages, self.updates)):
             s, v = message(s, v, src, dst, radial, unit, v_zero=i == 0)
@@ -238,7 +256,9 @@ class PaiNN(nn.Module):
         return self.norm(s), v.permute(1, 0, 2)
 
     def forward(self, batch: GraphBatch, pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Graph embeddings (B, hidden) and atom scalar states (N, hidden); see :meth:`atom_states`."""
+        """Graph embeddings (B, out_dim) and atom scalar states (N, hidden); see :meth:`atom_states`."""
         s, _ = self.atom_states(batch, pos)
         g = batch.g3d
+        if self.pool is not None:
+            return self.pool(s, g.batch_num_nodes()), s
         return dgl.ops.segment_reduce(g.batch_num_nodes(), s, self.cfg.readout), s
