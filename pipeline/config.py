@@ -323,13 +323,15 @@ def _name_slots(data: Any) -> Any:
 
 
 class AutoSlotsConfig(_Section):
-    """Per-kind defaults of the encoder slots (measured: bench/results/crystal_encoders.md, and for
-    PaiNN's ``block_norm`` bench/results/crystal_block_norm)."""
+    """Per-kind defaults of the encoder slots (measured: bench/results/crystal_encoders.md; for
+    PaiNN's ``block_norm`` bench/results/crystal_block_norm; for its ``element_descriptors`` and
+    softmax readout bench/results/crystal_elements)."""
 
     molecule: SlotDefaults = Field(default_factory=lambda: SlotDefaults(encoder2d=MPNNConfig()),
                                    description="molecules, and datasets that mix molecules and crystals")
     crystal: SlotDefaults = Field(
-        default_factory=lambda: SlotDefaults(encoder3d=PaiNNConfig(cutoff=8.0, block_norm=True)),
+        default_factory=lambda: SlotDefaults(encoder3d=PaiNNConfig(cutoff=8.0, block_norm=True, element_descriptors=True,
+                                                                  readout="softmax")),
         description="datasets of crystals only")
 
 

@@ -113,6 +113,7 @@ def test_auto_slots_take_the_per_kind_defaults():
     assert (mol.encoder2d.name, mol.encoder3d) == ("mpnn", None) and mixed == mol
     assert cry.encoder2d is None and cry.encoder3d == cfg.model.auto.crystal.encoder3d
     assert (cry.encoder3d.name, cry.encoder3d.cutoff, cry.encoder3d.block_norm) == ("painn", 8.0, True)
+    assert (cry.encoder3d.element_descriptors, cry.encoder3d.readout) == (True, "softmax")
     assert cry.is_resolved() and cry.resolve(["molecule"]) is cry  # resolving twice changes nothing
     set3d = load_config(None, ["model.encoder3d={name: painn, cutoff: 6.0}"]).model.resolve(["crystal"])
     assert set3d.encoder2d is None and (set3d.encoder3d.name, set3d.encoder3d.cutoff) == ("painn", 6.0)
