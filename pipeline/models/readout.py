@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import pipeline  # noqa: F401  (sets DGLBACKEND before dgl is imported)
+import dgl
+
 
 def graph_index(batch_num_nodes: Tensor) -> Tensor:
     """(B,) atom counts -> (N,) int64 index of each atom's graph."""
@@ -58,7 +61,5 @@ class SoftmaxReadout(nn.Module):
 
     def forward(self, x: Tensor, batch_num_nodes: Tensor) -> Tensor:
         """(N, F) atom states, (B,) atom counts -> (B, 2F): ``[mean, softmax pool]``."""
-        index = graph_index(batch_num_nodes)
-        b = len(batch_num_nodes)
-        mean = x.new_zeros(b, x.shape[1]).index_add(0, index, x) / batch_num_nodes.clamp_min(1).unsqueeze(1).to(x.dtype)
-        return torch.cat([mean, segment_softmax_pool(x, self.score(x), index, b)], dim=1)
+        pool = segment_softmax_pool(x, self.score(x), graph_index(batch_num_nodes), len(batch_num_nodes))
+        return torch.cat([dgl.ops.segment_reduce(batch_num_nodes, x, "mean"), pool], dim=1)
