@@ -6,6 +6,7 @@ against the shards, the split, and the model's target columns.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,7 +100,8 @@ class ModelOnSplit:
 
     def loader(self, batch_size: int = 128, num_workers: int = 0) -> DataLoader:
         """Batches of the split in record order."""
-        return make_loader(self.dataset, batch_size, num_workers=num_workers, collate_fn=collate)
+        return make_loader(self.dataset, batch_size, num_workers=num_workers,
+                           collate_fn=functools.partial(collate, views=self.model.views()))
 
 
 def default_eval_out(run: str | Path, split: str) -> Path:

@@ -53,13 +53,13 @@ def predict(run: str | Path, inputs: list[str], out: str | Path, fmt: str = "aut
             failures: dict[int, str] = {}
             if good:
                 try:
-                    values = model.predict(collate(good).to(device)).cpu().numpy()
+                    values = model.predict(collate(good, model.views()).to(device)).cpu().numpy()
                     preds = {id(r): [repr(float(v)) for v in p] for r, p in zip(good, values)}
                 except Exception:  # noqa: BLE001 (DGL and torch raise many types)
                     # one by one, so that one structure costs only its own row
                     for rec in good:
                         try:
-                            value = model.predict(collate([rec]).to(device)).cpu().numpy()[0]
+                            value = model.predict(collate([rec], model.views()).to(device)).cpu().numpy()[0]
                             preds[id(rec)] = [repr(float(v)) for v in value]
                         except Exception as exc:  # noqa: BLE001
                             failures[id(rec)] = f"prediction failed ({type(exc).__name__}: {_first_line(exc)})"

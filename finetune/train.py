@@ -1,6 +1,7 @@
 """``molmat finetune``: train property heads (and the encoders) on a shard directory."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -54,8 +55,8 @@ class PropertyTask:
         self.model, self.loss_kind, self.device, self.best_dir, self.meta = model, loss_kind, device, best_dir, meta
 
     def collate(self, records: list[dict[str, Any]]) -> GraphBatch:
-        """Records -> :class:`GraphBatch`."""
-        return collate(records)
+        """Records -> :class:`GraphBatch` with the graph views the model reads."""
+        return collate(records, self.model.views())
 
     def loss(self, model: nn.Module, batch: GraphBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted mean of the per-target losses; the parts are ``loss_<target>`` (NaN when unlabelled)."""
@@ -166,7 +167,8 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         load_pretrained_encoders(model, init, slots, manifest["featurization"], kinds)
         if rank == 0:
             log.info("initialised %s from %s", ", ".join(slots), init)
-    model.fit_normalization(make_loader(train_set, 256, None, tcfg.num_workers, collate_fn=collate))
+    model.fit_normalization(make_loader(train_set, 256, None, tcfg.num_workers,
+                                        collate_fn=functools.partial(collate, views=model.views())))
     model.to(device)
     groups = _param_groups(model, fcfg.freeze_encoder, fcfg.encoder_lr, tcfg.lr)
     meta = {"model": model_cfg.model_dump(mode="json"), "targets": model.describe(),

@@ -2,7 +2,9 @@
 
 :func:`collate` concatenates the arrays of a list of records and builds each batched graph with
 one ``dgl.graph`` call (setting the per-graph node/edge counts), which is much faster than
-building one graph per record and calling ``dgl.batch``.
+building one graph per record and calling ``dgl.batch``. It builds only the views a model reads
+(``views``): a crystal's 2D view (neighbour shells, edge one-hots) costs 5x the collation of its
+3D graph, which a 3D-only model would otherwise pay at every step for nothing.
 
 Feature expansion (the integer columns stored in shards to float vectors):
 
@@ -15,7 +17,7 @@ Feature expansion (the integer columns stored in shards to float vectors):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +38,8 @@ SHELL_COLUMN = 7
 BOND_DIM = 4 + 1 + 1 + 1 + N_SHELLS
 #: A new coordination shell starts where the next neighbour is farther by more than this (Angstrom).
 SHELL_GAP = 0.1
+#: The graph views :func:`collate` can build: ``g2d`` and ``g3d`` of :class:`GraphBatch`.
+VIEWS = ("2d", "3d")
 
 
 @dataclass
@@ -44,7 +48,8 @@ class GraphBatch:
 
     Attributes:
         g2d: bond graph (molecules; both directions) or neighbour topology (crystals), with
-            ndata ``x`` (N, ATOM_DIM) and ``z`` (N,) and edata ``e`` (E, BOND_DIM).
+            ndata ``x`` (N, ATOM_DIM) and ``z`` (N,) and edata ``e`` (E, BOND_DIM); None when
+            the batch was collated for a model that reads only the 3D view.
         g3d: 3D neighbour graph or None when a record has no coordinates; ndata ``z`` (N,),
             ``pos`` (N, 3) float32; edata ``image`` (E, 3) float32 lattice offsets of the source
             atom; ``cell`` (B, 3, 3) holds each graph's lattice (zeros for molecules), so edge
@@ -57,7 +62,7 @@ class GraphBatch:
         ids, kinds, smiles: per-record metadata; index: global record indices.
     """
 
-    g2d: dgl.DGLGraph
+    g2d: dgl.DGLGraph | None
     g3d: dgl.DGLGraph | None
     cell: torch.Tensor
     y: torch.Tensor
@@ -74,9 +79,15 @@ class GraphBatch:
         """Number of structures in the batch."""
         return len(self.ids)
 
+    @property
+    def z(self) -> torch.Tensor:
+        """(N,) int64 atomic numbers of all atoms, from whichever graph the batch holds."""
+        return (self.g2d if self.g2d is not None else self.g3d).ndata["z"]
+
     def to(self, device: torch.device | str) -> "GraphBatch":
         """Move graphs and tensors to ``device`` (returns a new batch)."""
-        return GraphBatch(self.g2d.to(device), None if self.g3d is None else self.g3d.to(device),
+        return GraphBatch(None if self.g2d is None else self.g2d.to(device),
+                          None if self.g3d is None else self.g3d.to(device),
                           self.cell.to(device), self.y.to(device), self.mask.to(device), self.n_atoms.to(device),
                           self.ids, self.kinds, self.index, self.smiles, self.conformers)
 
@@ -148,12 +159,60 @@ def _graph(src: np.ndarray, dst: np.ndarray, n_nodes: np.ndarray, n_edges: np.nd
     return g
 
 
-def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
-    """Batch decoded shard records into a :class:`GraphBatch` (2D and 3D graphs, targets, mask)."""
+def collate(records: Sequence[dict[str, Any]], views: Collection[str] = VIEWS) -> GraphBatch:
+    """Batch decoded shard records into a :class:`GraphBatch` (graphs, targets, mask).
+
+    Args:
+        records: decoded shard records.
+        views: the graphs to build (:data:`VIEWS`; a model's ``views()``). Without ``"2d"``,
+            ``g2d`` is None, unless a record has no coordinates: then the 2D graph is built
+            anyway, so that the 3D encoder meets a batch without ``g3d`` and says why.
+    """
     n_atoms = np.array([len(r[R.Z]) for r in records], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
     kinds = [r.get(R.KIND, R.MOLECULE) for r in records]
     z = np.concatenate([r[R.Z] for r in records]).astype(np.int64)
+    has_3d = all(R.POS in r and R.NBR_INDEX in r for r in records)
+    g2d = _graph_2d(records, starts, kinds, n_atoms, z) if "2d" in views or not has_3d else None
+
+    cell = np.zeros((len(records), 3, 3), dtype=np.float32)
+    g3d = None
+    if has_3d:
+        src3, dst3, img, ne3 = [], [], [], []
+        for i, (r, s0) in enumerate(zip(records, starts)):
+            idx = r[R.NBR_INDEX].astype(np.int64)
+            src3.append(idx[0] + s0)
+            dst3.append(idx[1] + s0)
+            img.append(r[R.NBR_IMAGE])
+            ne3.append(idx.shape[1])
+            if R.CELL in r:
+                cell[i] = r[R.CELL]
+        g3d = _graph(np.concatenate(src3), np.concatenate(dst3), n_atoms, np.array(ne3, dtype=np.int64))
+        g3d.ndata["z"] = torch.from_numpy(z)
+        g3d.ndata["pos"] = torch.from_numpy(np.concatenate([r[R.POS] for r in records]).astype(np.float32))
+        g3d.edata["image"] = torch.from_numpy(np.concatenate(img).astype(np.float32))
+
+    widths = {r[R.Y].size for r in records}
+    if len(widths) > 1:
+        # happens when shard directories with different target lists are concatenated
+        first = {r[R.Y].size: r for r in reversed(records)}
+        ids = ", ".join(f"{r.get(R.ID)} has {w}" for w, r in sorted(first.items()))
+        raise MolmatError(f"cannot batch records with different numbers of targets ({ids}, ...); "
+                          "select common targets first or use one shard directory per target set")
+    y = np.stack([r[R.Y] for r in records]).astype(np.float64) if records[0][R.Y].size else np.zeros((len(records), 0))
+    mask = np.isfinite(y)
+    return GraphBatch(
+        g2d=g2d, g3d=g3d, cell=torch.from_numpy(cell),
+        y=torch.from_numpy(np.where(mask, y, 0.0).astype(np.float32)), mask=torch.from_numpy(mask),
+        n_atoms=torch.from_numpy(n_atoms), ids=[str(r.get(R.ID, "")) for r in records], kinds=kinds,
+        index=[int(r.get(R.INDEX, -1)) for r in records], smiles=[r.get(R.SMILES, "") for r in records],
+        conformers=[r.get(R.CONFORMERS) for r in records],
+    )
+
+
+def _graph_2d(records: Sequence[dict[str, Any]], starts: np.ndarray, kinds: list[str], n_atoms: np.ndarray,
+              z: np.ndarray) -> dgl.DGLGraph:
+    """The batched 2D view of :func:`collate`: bonds, or a crystal's neighbour topology with shells."""
     crystal = np.repeat(np.array([k == R.CRYSTAL for k in kinds], dtype=np.float32), n_atoms)
     x = atom_features(np.concatenate([r[R.ATOM_FEAT] for r in records]), crystal)
 
@@ -194,40 +253,7 @@ def collate(records: Sequence[dict[str, Any]]) -> GraphBatch:
     g2d.ndata["x"] = torch.from_numpy(x)
     g2d.ndata["z"] = torch.from_numpy(z)
     g2d.edata["e"] = torch.from_numpy(np.concatenate(e2))
-
-    cell = np.zeros((len(records), 3, 3), dtype=np.float32)
-    g3d = None
-    if all(R.POS in r and R.NBR_INDEX in r for r in records):
-        src3, dst3, img, ne3 = [], [], [], []
-        for i, (r, s0) in enumerate(zip(records, starts)):
-            idx = r[R.NBR_INDEX].astype(np.int64)
-            src3.append(idx[0] + s0)
-            dst3.append(idx[1] + s0)
-            img.append(r[R.NBR_IMAGE])
-            ne3.append(idx.shape[1])
-            if R.CELL in r:
-                cell[i] = r[R.CELL]
-        g3d = _graph(np.concatenate(src3), np.concatenate(dst3), n_atoms, np.array(ne3, dtype=np.int64))
-        g3d.ndata["z"] = torch.from_numpy(z)
-        g3d.ndata["pos"] = torch.from_numpy(np.concatenate([r[R.POS] for r in records]).astype(np.float32))
-        g3d.edata["image"] = torch.from_numpy(np.concatenate(img).astype(np.float32))
-
-    widths = {r[R.Y].size for r in records}
-    if len(widths) > 1:
-        # happens when shard directories with different target lists are concatenated
-        first = {r[R.Y].size: r for r in reversed(records)}
-        ids = ", ".join(f"{r.get(R.ID)} has {w}" for w, r in sorted(first.items()))
-        raise MolmatError(f"cannot batch records with different numbers of targets ({ids}, ...); "
-                          "select common targets first or use one shard directory per target set")
-    y = np.stack([r[R.Y] for r in records]).astype(np.float64) if records[0][R.Y].size else np.zeros((len(records), 0))
-    mask = np.isfinite(y)
-    return GraphBatch(
-        g2d=g2d, g3d=g3d, cell=torch.from_numpy(cell),
-        y=torch.from_numpy(np.where(mask, y, 0.0).astype(np.float32)), mask=torch.from_numpy(mask),
-        n_atoms=torch.from_numpy(n_atoms), ids=[str(r.get(R.ID, "")) for r in records], kinds=kinds,
-        index=[int(r.get(R.INDEX, -1)) for r in records], smiles=[r.get(R.SMILES, "") for r in records],
-        conformers=[r.get(R.CONFORMERS) for r in records],
-    )
+    return g2d
 
 
 def edge_vectors(g3d: dgl.DGLGraph, cell: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:

@@ -113,6 +113,33 @@ def test_collate_shapes_and_mask(mp_shards):
     assert torch.all(batch.y[~batch.mask] == 0)
 
 
+def test_a_3d_only_collate_skips_the_2d_view_and_keeps_everything_else(mp_shards, qm9_shards):
+    from pipeline.config import MPNNConfig, PaiNNConfig
+    from pipeline.models import build_encoder
+
+    records = [ShardDataset(mp_shards)[i] for i in range(12)]
+    full, only3d = collate(records), collate(records, views=("3d",))
+    assert only3d.g2d is None and full.g2d is not None
+    for key in ("z", "pos"):
+        assert torch.equal(only3d.g3d.ndata[key], full.g3d.ndata[key])
+    assert torch.equal(only3d.g3d.edata["image"], full.g3d.edata["image"])
+    assert [t.tolist() for t in only3d.g3d.edges()] == [t.tolist() for t in full.g3d.edges()]
+    for name in ("cell", "y", "mask", "n_atoms", "z"):
+        assert torch.equal(getattr(only3d, name), getattr(full, name)), name
+    assert only3d.ids == full.ids and only3d.kinds == full.kinds
+    torch.manual_seed(0)
+    painn = build_encoder(PaiNNConfig(hidden=16, cutoff=8.0, readout="softmax")).eval()
+    torch.testing.assert_close(painn(only3d)[0], painn(full)[0], rtol=0, atol=0)
+    with pytest.raises(MolmatError, match="collated without it"):
+        build_encoder(MPNNConfig(hidden=8))(only3d)
+    # molecules from SMILES without a conformer have no 3D graph: the 2D one is built anyway, so
+    # that a 3D encoder can say what is missing instead of finding no graph at all
+    flat = [{k: v for k, v in ShardDataset(qm9_shards)[i].items() if k not in ("pos", "nbr_index", "nbr_image")}
+            for i in range(3)]
+    batch = collate(flat, views=("3d",))
+    assert batch.g3d is None and batch.g2d is not None and batch.z.tolist() == batch.g2d.ndata["z"].tolist()
+
+
 def test_split_is_deterministic_disjoint_and_complete(qm9_shards):
     split = load_split(qm9_shards)
     parts = [set(split[k]) for k in ("train", "val", "test")]

@@ -37,6 +37,7 @@ import dgl
 import dgl.ops
 from dgl.nn.pytorch.glob import Set2Set
 
+from pipeline import MolmatError
 from pipeline.config import MPNNConfig
 
 if TYPE_CHECKING:
@@ -401,6 +402,9 @@ class MPNN(nn.Module):
             graph embeddings (B, out_dim) and final node states (N, hidden).
         """
         g = batch.g2d
+        if g is None:
+            raise MolmatError("the MPNN reads the 2D graph, but this batch was collated without it "
+                              "(pipeline.graphs.collate with views that omit '2d')")
         e = g.edata["e"]
         if not self.cfg.crystal_shells:
             from pipeline.graphs import N_SHELLS, SHELL_COLUMN

@@ -199,7 +199,7 @@ class PropertyModel(nn.Module):
     # ----------------------------------------------------------------------------- transforms
     def _composition(self, batch: GraphBatch) -> torch.Tensor:
         """Element counts per graph (B, MAX_Z + 1), float64."""
-        z = batch.g2d.ndata["z"].clamp(0, MAX_Z)
+        z = batch.z.clamp(0, MAX_Z)
         graph = torch.repeat_interleave(torch.arange(batch.num_graphs, device=z.device), batch.n_atoms)
         counts = torch.zeros(batch.num_graphs, MAX_Z + 1, dtype=torch.float64, device=z.device)
         counts.index_put_((graph, z), torch.ones_like(z, dtype=torch.float64), accumulate=True)
