@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -34,6 +35,7 @@ from pipeline import MolmatError
 from pipeline.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.config import TrainConfig
 from pipeline.distributed import all_reduce_mean, any_flag, scaled_lr
+from pipeline.ema import WeightAverage
 from pipeline.loader import EpochSampler, StopSafeLoader, make_loader
 
 log = logging.getLogger("molmat.train")
@@ -363,6 +365,13 @@ class Trainer:
         self.callbacks: list[Callback] = [TimingCallback(), *([LearningCurveCallback()] if rank == 0 else []), *callbacks]
         self._stop_signal: int | None = None
         self._writer = None
+        #: moving average of the weights that validation and best/ see (train.ema_decay)
+        self.ema = WeightAverage(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
+
+    def averaged_weights(self) -> AbstractContextManager[None]:
+        """A block in which the model holds the weights that are validated and saved as best: the
+        moving average with ``train.ema_decay``, else the live weights."""
+        return self.ema.swapped() if self.ema is not None else nullcontext()
 
     def _emit(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -374,16 +383,20 @@ class Trainer:
         if self.rank != 0:
             return
         self._emit("on_save_start", "last")
+        extra = {"config": self.cfg.model_dump(mode="json"), "world_size": self.world}
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
         save_training_state(self.out / "last.pt", self.raw_model, self.optimizer, self.schedule.state_dict(),
-                            self.state, {"config": self.cfg.model_dump(mode="json"), "world_size": self.world})
+                            self.state, extra)
         self._emit("on_save", "last")
 
     def save_best(self) -> None:
-        """Have the task write the deployable model; rank 0 only."""
+        """Have the task write the deployable model (the weight average with ``train.ema_decay``); rank 0 only."""
         if self.rank != 0:
             return
         self._emit("on_save_start", "best")
-        self.task.save_best(self.raw_model)
+        with self.averaged_weights():
+            self.task.save_best(self.raw_model)
         self._emit("on_save", "best")
 
     def try_resume(self) -> bool:
@@ -400,6 +413,18 @@ class Trainer:
                               "with --restart")
         self.schedule.load_state_dict(ckpt["schedule"])
         self.state.update(ckpt["state"])
+        if self.ema is not None:
+            # the average starts from the resumed weights when last.pt has none (train.ema_decay
+            # switched on for the resumed run); otherwise it continues where it stopped
+            self.ema = WeightAverage(self.raw_model, self.cfg.ema_decay)
+            if "ema" in ckpt:
+                try:
+                    self.ema.load_state_dict(ckpt["ema"])
+                except ValueError as exc:
+                    raise MolmatError(f"{path}: {exc}; pass --restart to start afresh") from None
+            elif self.rank == 0:
+                log.warning("%s holds no weight average (saved without train.ema_decay): the average starts "
+                            "from the resumed weights", path)
         if self.rank == 0:
             log.info("resuming from %s at epoch %d, step %d", path, self.state["epoch"], self.state["step"])
         return True
@@ -482,6 +507,8 @@ class Trainer:
         if self.cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         return float(loss.detach()), parts
 
     def _loop(self) -> TrainResult:
@@ -556,7 +583,8 @@ class Trainer:
             # epoch (or budget-truncated epoch) finished: validate
             self._emit("on_eval_start")
             self.raw_model.eval()
-            metrics = self.task.evaluate(self.raw_model, self.val_loader)
+            with self.averaged_weights():
+                metrics = self.task.evaluate(self.raw_model, self.val_loader)
             self._emit("on_eval", epoch, metrics)
             value = metrics[self.task.monitor]
             if not math.isfinite(value):
