@@ -97,6 +97,14 @@ MODELS["painn_l1_bn_elem_softmax"] = [x.replace("element_descriptors: true}", "e
 #: The same, 96 wide instead of 64 (1.4x slower per step: 9 epochs in the budget instead of 13).
 MODELS["painn_l1_bn_elem_softmax_h96"] = [x.replace("readout: softmax}", "readout: softmax, hidden: 96}")
                                           for x in MODELS["painn_l1_bn_elem_softmax"]]
+#: The element/softmax default with two interaction blocks instead of three (1.4x the steps), with
+#: 16 per batch instead of 32 (twice the optimizer steps per epoch), and validated and saved as
+#: a moving average of its weights (train.ema_decay).
+MODELS["painn_l1_bn_elem_softmax_int2"] = [x.replace("readout: softmax}", "readout: softmax, interactions: 2}")
+                                           for x in MODELS["painn_l1_bn_elem_softmax"]]
+MODELS["painn_l1_bn_elem_softmax_bs16"] = [x.replace("train.batch_size=32", "train.batch_size=16")
+                                           for x in MODELS["painn_l1_bn_elem_softmax"]]
+MODELS["painn_l1_bn_elem_softmax_ema999"] = MODELS["painn_l1_bn_elem_softmax"] + ["train.ema_decay=0.999"]
 #: ``painn_l1`` again with the faster PaiNN of d1422e6 (same outputs, ~1.2x the steps in the budget):
 #: the control that separates the optimisation settings above from the speed-up.
 MODELS["painn_l1_d1422e6"] = MODELS["painn_l1"]
