@@ -45,7 +45,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         """``average <- d * average + (1 - d) * weights``; call after each optimizer step."""
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.current_decay())
+        torch._foreach_lerp_(self.average, self.params, 1.0 - self.current_decay())
         self.updates += 1
 
     @torch.no_grad()

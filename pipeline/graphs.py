@@ -3,8 +3,9 @@
 :func:`collate` concatenates the arrays of a list of records and builds each batched graph with
 one ``dgl.graph`` call (setting the per-graph node/edge counts), which is much faster than
 building one graph per record and calling ``dgl.batch``. It builds only the views a model reads
-(``views``): a crystal's 2D view (neighbour shells, edge one-hots) costs 5x the collation of its
-3D graph, which a 3D-only model would otherwise pay at every step for nothing.
+(``views``): a crystal's 2D view (neighbour shells, edge one-hots) costs ~10x the collation of
+its 3D graph, which a 3D-only model would otherwise pay at every step for nothing
+(``bench/results/collate_views``).
 
 Feature expansion (the integer columns stored in shards to float vectors):
 

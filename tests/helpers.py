@@ -28,6 +28,20 @@ def mp_cif_texts(n: int | None = None) -> dict[str, str]:
     return out
 
 
+def stop_mid_epoch(epoch: int, batch: int):
+    """A trainer callback that sends the run a SIGTERM at step ``batch`` of ``epoch`` (a preemption)."""
+    import signal
+
+    from pipeline.training import Callback
+
+    class StopMidEpoch(Callback):
+        def on_step(self, trainer, batch_, loss):
+            if trainer.state["epoch"] == epoch and trainer.state["batch_in_epoch"] == batch:
+                trainer._stop_signal = signal.SIGTERM
+
+    return StopMidEpoch()
+
+
 def records_equal(a: dict, b: dict) -> bool:
     """Same keys, same array dtypes/shapes/bytes, same metadata."""
     if set(a) != set(b):

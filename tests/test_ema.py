@@ -4,12 +4,12 @@ run that validates and saves the average and resumes it after a stop as if never
 from __future__ import annotations
 
 import csv
-import signal
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import stop_mid_epoch
 from pipeline.config import load_config
 from pipeline.ema import WeightAverage
 
@@ -65,7 +65,6 @@ def test_a_bad_decay_and_a_mismatched_state_are_refused():
 def test_a_finetune_run_saves_the_average_and_resumes_it_exactly(qm9_shards, tmp_path):
     from finetune.train import finetune
     from pipeline.checkpoint import load_weights
-    from pipeline.training import Callback
 
     # one epoch: best/ is that epoch's model, and it must be the average, not the live weights
     one = finetune(qm9_shards, tmp_path / "one", load_config(None, TINY + ["train.epochs=1"]))
@@ -80,12 +79,7 @@ def test_a_finetune_run_saves_the_average_and_resumes_it_exactly(qm9_shards, tmp
     cfg = load_config(None, TINY + ["train.epochs=2"])
     finetune(qm9_shards, tmp_path / "whole", cfg)
 
-    class StopMidEpoch(Callback):
-        def on_step(self, trainer, batch, loss):
-            if trainer.state["epoch"] == 1 and trainer.state["batch_in_epoch"] == 2:
-                trainer._stop_signal = signal.SIGTERM
-
-    assert finetune(qm9_shards, tmp_path / "cut", cfg, callbacks=(StopMidEpoch(),)).stopped_by == "signal"
+    assert finetune(qm9_shards, tmp_path / "cut", cfg, callbacks=(stop_mid_epoch(1, 2),)).stopped_by == "signal"
     finetune(qm9_shards, tmp_path / "cut", cfg)
     rows = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("whole", "cut")]
     assert [r["val_mae_gap_Ha"] for r in rows[1]] == [r["val_mae_gap_Ha"] for r in rows[0]]

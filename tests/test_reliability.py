@@ -26,7 +26,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from helpers import DATASETS, mp_cif_texts, qm9_files
+from helpers import DATASETS, mp_cif_texts, qm9_files, stop_mid_epoch
 from pipeline import MolmatError
 from pipeline.config import load_config
 from pipeline.preprocess import preprocess
@@ -920,17 +920,10 @@ def test_an_unknown_cif_element_is_named_not_hashed():
 
 def test_epoch_loss_after_a_sigterm_resume_averages_the_whole_epoch(qm9_shards, tmp_path):
     from finetune.train import finetune
-    from pipeline.training import Callback
 
     cfg = load_config(None, TINY + ["train.epochs=2", "finetune.targets=[gap_Ha]", "train.batch_size=32"])
     finetune(qm9_shards, tmp_path / "whole", cfg)
-
-    class StopMidEpoch(Callback):
-        def on_step(self, trainer, batch, loss):
-            if trainer.state["epoch"] == 1 and trainer.state["batch_in_epoch"] == 3:
-                trainer._stop_signal = signal.SIGTERM
-
-    assert finetune(qm9_shards, tmp_path / "cut", cfg, callbacks=(StopMidEpoch(),)).stopped_by == "signal"
+    assert finetune(qm9_shards, tmp_path / "cut", cfg, callbacks=(stop_mid_epoch(1, 3),)).stopped_by == "signal"
     finetune(qm9_shards, tmp_path / "cut", cfg)
     whole = list(csv.DictReader(open(tmp_path / "whole" / "metrics.csv")))
     cut = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
