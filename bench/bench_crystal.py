@@ -117,6 +117,11 @@ MODELS["painn_l1_bn_elem_softmax_int2_wd05"] = MODELS["painn_l1_bn_elem_softmax_
 for _h in (96, 128):
     MODELS[f"painn_l1_bn_elem_softmax_int2_h{_h}"] = [x.replace("interactions: 2}", f"interactions: 2, hidden: {_h}}}")
                                                      for x in MODELS["painn_l1_bn_elem_softmax_int2"]]
+#: Two blocks 96 wide with the band gap's loss (regressor and metal/non-metal gate) weighted twice the
+#: formation energy's, and with three layers per head (gate and regressors) instead of two.
+MODELS["painn_l1_bn_elem_softmax_int2_h96_bgw2"] = MODELS["painn_l1_bn_elem_softmax_int2_h96"] + [
+    "finetune.loss_weights={band_gap_eV: 2.0}"]
+MODELS["painn_l1_bn_elem_softmax_int2_h96_hl3"] = MODELS["painn_l1_bn_elem_softmax_int2_h96"] + ["model.heads.layers=3"]
 #: ``painn_l1`` again with the faster PaiNN of d1422e6 (same outputs, ~1.2x the steps in the budget):
 #: the control that separates the optimisation settings above from the speed-up.
 MODELS["painn_l1_d1422e6"] = MODELS["painn_l1"]
