@@ -66,8 +66,9 @@ class WeightAverage:
             self._swap()
 
     def state_dict(self) -> dict[str, Any]:
-        """The averaged tensors (in parameter order) and the update count, for ``last.pt``."""
-        return {"average": [a.clone() for a in self.average], "updates": self.updates, "decay": self.decay}
+        """The averaged tensors (in parameter order) and the update count, for ``last.pt`` (the decay
+        is the resumed run's ``train.ema_decay``)."""
+        return {"average": [a.clone() for a in self.average], "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`.
