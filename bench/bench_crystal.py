@@ -107,7 +107,7 @@ MODELS["painn_l1_bn_elem_softmax_bs16"] = [x.replace("train.batch_size=32", "tra
 MODELS["painn_l1_bn_elem_softmax_ema999"] = MODELS["painn_l1_bn_elem_softmax"] + ["train.ema_decay=0.999"]
 #: Two blocks, trained on MP's total magnetic moment besides the two scored targets, as an auxiliary
 #: target (extensive: learned per atom after fitted element references); only band gap and formation
-#: energy are scored.
+#: energy are scored. A model's own ``finetune.targets`` replaces the scored list in its command.
 MODELS["painn_l1_bn_elem_softmax_int2_mag"] = MODELS["painn_l1_bn_elem_softmax_int2"] + [
     "finetune.targets=[band_gap_eV,formation_energy_per_atom_eV,total_magnetization_muB]",
     "finetune.extensive_targets=[total_magnetization_muB]"]
@@ -174,9 +174,12 @@ def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, min
     targets = [only] if only else TARGETS[dataset]
     run = work / "runs" / run_name(dataset, pool, model, seed)
     metrics_file = run / "eval_test" / "metrics.json"
+    model_sets = [x.replace("{work}", str(work)).replace("{pool}", pool).replace("{seed}", str(seed)) for x in MODELS[base]]
+    # a model that trains on more targets than the scored ones (auxiliary targets) names them itself
+    trained = [] if any(x.startswith("finetune.targets=") for x in model_sets) else [
+        "finetune.targets=[" + ",".join(targets) + "]"]
     sets = [f"train.max_minutes={minutes}", "train.epochs=1000", "train.threads=1", f"train.seed={seed}",
-            "finetune.targets=[" + ",".join(targets) + "]",
-            *(x.replace("{work}", str(work)).replace("{pool}", pool).replace("{seed}", str(seed)) for x in MODELS[base])]
+            *trained, *model_sets]
     if pool == "8k":
         sets.append("finetune.max_train=8000")
     ft = ["finetune", "--data", str(shards), "--out", str(run)] + [a for s in sets for a in ("--set", s)]
