@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Encoder training-step speed on real structures: SchNet now against SchNet as of e99ab7b, PaiNN
-now against PaiNN as of 29fd1f2, and the MPNN on the same batches.
+now against PaiNN as of 29fd1f2, PaiNN with ``train.compile`` (its blocks compiled by
+:mod:`pipeline.compiled`) against plain PaiNN now, and the MPNN on the same batches.
 
 Every encoder sees the same pre-collated batches, drawn at random (seeded) from a shard directory
 (the first records of an archive are not typical: MP's first thousand crystals have half the atoms
@@ -32,9 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ENCODERS = ("schnet_e99ab7b", "schnet", "painn_29fd1f2", "painn", "mpnn")
-#: Each encoder measured against its frozen copy: the copy, and the suffix of its result keys.
-BASELINES = {"schnet": ("schnet_e99ab7b", ""), "painn": ("painn_29fd1f2", "_painn")}
+ENCODERS = ("schnet_e99ab7b", "schnet", "painn_29fd1f2", "painn", "painn_compiled", "mpnn")
+#: Each encoder measured against its baseline (a frozen copy, or the plain model for the compiled
+#: one): the baseline, and the suffix of its result keys.
+BASELINES = {"schnet": ("schnet_e99ab7b", ""), "painn": ("painn_29fd1f2", "_painn"),
+             "painn_compiled": ("painn", "_compiled")}
 
 
 def build(kind: str, cutoff: float) -> Any:
@@ -54,6 +57,12 @@ def build(kind: str, cutoff: float) -> Any:
         return PaiNNReference(PaiNNConfig(hidden=64, interactions=3, n_rbf=20, cutoff=cutoff))
     if kind == "painn":
         return PaiNN(PaiNNConfig(hidden=64, interactions=3, n_rbf=20, cutoff=cutoff))
+    if kind == "painn_compiled":
+        from pipeline.compiled import compile_blocks
+
+        net = PaiNN(PaiNNConfig(hidden=64, interactions=3, n_rbf=20, cutoff=cutoff))
+        compile_blocks(net)
+        return net
     return MPNN(MPNNConfig(hidden=64, steps=3))
 
 
@@ -109,7 +118,7 @@ def measure(data: str, cutoff: float, batches: int, repeats: int, batch_size: in
     def run(kind: str) -> tuple[float, float]:
         return train_pass(nets[kind], opts[kind], graphs)
 
-    for kind in nets:  # warm-up
+    for kind in nets:  # warm-up (for the compiled model: its compilation)
         run(kind)
     out: dict[str, Any] = {"data": data, "cutoff": cutoff, "graphs": n, "batch_size": batch_size, "seed": seed,
                            "edges_per_batch": statistics.mean(b.g3d.num_edges() for b in graphs),
@@ -151,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "schnet_speed.json").write_text(json.dumps(res, indent=1))
-    lines = ["# Encoder training step: SchNet now vs SchNet at e99ab7b, PaiNN now vs PaiNN at 29fd1f2, MPNN", "",
+    lines = ["# Encoder training step: SchNet now vs SchNet at e99ab7b, PaiNN now vs PaiNN at 29fd1f2, PaiNN "
+             "compiled (train.compile) vs PaiNN now, MPNN", "",
              f"`{res['command']}` on {res['date']}; {res['machine']['nproc']} cores, load average at start "
              f"{res['machine']['loadavg_start'][0]:.1f}; torch {res['torch']}, 1 thread. Width 64, 3 interactions "
              "(SchNet: 50 Gaussians; PaiNN: 20 sine functions; MPNN: 3 steps, set2set); random batches of 64 "
@@ -159,15 +169,18 @@ def main(argv: list[str] | None = None) -> int:
              "reported beside wall time: it is less sensitive to other processes on a shared machine.", "",
              "| data (cutoff) | atoms / edges per batch | SchNet e99ab7b graphs/s (wall, CPU) | SchNet now "
              "(wall, CPU) | ratio (wall, CPU) | max abs embedding diff | PaiNN 29fd1f2 (wall, CPU) | PaiNN now "
-             "(wall, CPU) | ratio (wall, CPU) | max abs embedding diff | MPNN (wall, CPU) | collate graphs/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(wall, CPU) | ratio (wall, CPU) | max abs embedding diff | PaiNN compiled (wall, CPU) | ratio to PaiNN now "
+             "(wall, CPU) | max abs embedding diff | MPNN (wall, CPU) | collate graphs/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         pair = lambda k: f"{r[k]['wall']:.0f}, {r[k]['cpu']:.0f}"  # noqa: E731
         lines.append(f"| {r['data']} ({r['cutoff']:g} A) | {r['atoms_per_batch']:.0f} / {r['edges_per_batch']:.0f} | "
                      f"{pair('schnet_e99ab7b')} | {pair('schnet')} | {r['ratio_wall']:.2f}x, {r['ratio_cpu']:.2f}x | "
                      f"{r['max_abs_embedding_diff']:.1e} | {pair('painn_29fd1f2')} | {pair('painn')} | "
                      f"{r['ratio_painn_wall']:.2f}x, {r['ratio_painn_cpu']:.2f}x | "
-                     f"{r['max_abs_embedding_diff_painn']:.1e} | {pair('mpnn')} | "
+                     f"{r['max_abs_embedding_diff_painn']:.1e} | {pair('painn_compiled')} | "
+                     f"{r['ratio_compiled_wall']:.2f}x, {r['ratio_compiled_cpu']:.2f}x | "
+                     f"{r['max_abs_embedding_diff_compiled']:.1e} | {pair('mpnn')} | "
                      f"{r['collate_graphs_per_s']:.0f} |")
     (out / "schnet_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -119,6 +119,9 @@ def finetune(data: str | Path, out: str | Path, config: Config, init: str | None
         config = config.model_copy(update={"finetune": fcfg})
         if rank == 0:
             log.info("loss for %s data (finetune.loss_by_kind): %s", "/".join(kinds), fcfg.loss)
+    if tcfg.compile and fcfg.curvature_weighting.enabled:
+        raise MolmatError("train.compile and finetune.curvature_weighting cannot be combined: compiled blocks "
+                          "are not twice differentiable, and curvature weighting takes Hessian-vector products")
     init = init or fcfg.init
     model_cfg, slots = config.model.resolve(kinds), []
     if not config.model.is_resolved() and rank == 0:

@@ -193,6 +193,8 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process; null keeps torch's default "
                                 "(all cores; torchrun sets 1). On a shared machine 1 avoids stalls on descheduled threads")
     tensorboard: bool = False
+    compile: bool = Field(False, description="compile the 3D encoders' message and update blocks with torch.compile "
+                          "(pipeline.compiled; needs a C++ compiler; the first steps pay the compilation)")
     ema_decay: float | None = Field(
         None, ge=0, lt=1, description="validate and save an exponential moving average of the weights with this decay "
         "(0.999: about the last 1,000 steps); null = the weights as they are")

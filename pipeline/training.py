@@ -327,6 +327,12 @@ class Trainer:
         self.device = device or pick_device(cfg.device)
         self.raw_model = unwrap(model)
         self.model = model
+        if cfg.compile:
+            from pipeline.compiled import compile_blocks
+
+            n = compile_blocks(self.raw_model)
+            if rank == 0:
+                log.info("train.compile: %d encoder blocks compiled (torch.compile, dynamic shapes)", n)
         groups = list(param_groups) if param_groups else [{"params": [p for p in model.parameters() if p.requires_grad]}]
         lr = scaled_lr(cfg.lr, world_size, cfg.lr_scaling, cfg.batch_size, cfg.reference_batch_size)
         for g in groups:

@@ -97,6 +97,9 @@ class Message(nn.Module):
             weights whatever the states have grown to (``PaiNNConfig.block_norm``).
     """
 
+    #: compiled by ``train.compile`` (pipeline.compiled): a function of tensors alone
+    compilable = True
+
     def __init__(self, hidden: int, n_rbf: int, block_norm: bool = False) -> None:
         super().__init__()
         self.hidden = hidden
@@ -159,6 +162,9 @@ class Update(nn.Module):
             ``<U v, V v>`` and ``a_vv U v`` terms multiply states by functions of themselves, and a
             large state compounds through the blocks (it overflowed float32 at lr 2e-3 on MP).
     """
+
+    #: compiled by ``train.compile`` (pipeline.compiled): a function of tensors alone
+    compilable = True
 
     def __init__(self, hidden: int, block_norm: bool = False) -> None:
         super().__init__()
