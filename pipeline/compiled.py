@@ -12,15 +12,14 @@ Shapes are marked dynamic: a batch of other atom and edge counts reuses the comp
 of compiling again. The first steps pay the compilation (15-30 s on one thread; inductor
 caches its kernels on disk for the next run). Measured on one thread, same batches interleaved
 (bench/results/compile_speed): PaiNN's training step 1.67x faster on MP crystals and 1.47x on QM9
-molecules, embeddings equal to 1.5e-6; MP fine-tuning with two blocks 96 wide ran 25 epochs in
+molecules, embeddings within 1.5e-6; MP fine-tuning with two blocks 96 wide ran 25 epochs in
 20 minutes instead of 20 (bench/results/crystal_compile). Off by default: it needs a C++
-compiler, which a machine with nothing but Python may lack. Compiled blocks are not twice differentiable, so
-fine-tuning refuses ``train.compile`` with curvature weighting (Hessian-vector products); the
-curvature stage loads models uncompiled.
+compiler, which a machine with nothing but Python may lack. Compiled blocks are not twice
+differentiable, so fine-tuning refuses ``train.compile`` with curvature weighting (Hessian-vector
+products); the curvature stage loads models uncompiled.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from pipeline import MolmatError
