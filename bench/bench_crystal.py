@@ -199,8 +199,9 @@ def molmat_run(dataset: str, shards: Path, model: str, pool: str, seed: int, min
         "finetune.targets=[" + ",".join(targets) + "]"]
     sets = [f"train.max_minutes={minutes}", "train.epochs=1000", "train.threads=1", f"train.seed={seed}",
             *trained, *model_sets]
-    if pool_size(pool) is not None:
-        sets.append(f"finetune.max_train={pool_size(pool)}")
+    keep = pool_size(pool)
+    if keep is not None:
+        sets.append(f"finetune.max_train={keep}")
     ft = ["finetune", "--data", str(shards), "--out", str(run)] + [a for s in sets for a in ("--set", s)]
     ev = ["evaluate", str(run), "--data", str(shards), "--split", "test"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -266,8 +267,9 @@ def composition_baseline(dataset: str, shards: Path, kind: str, pool: str, seed:
     names = [t["name"] for t in manifest["targets"]]
     cols = [names.index(t) for t in targets]
     train_idx = split["train"]
-    if pool_size(pool) is not None:  # the records finetune.max_train picks
-        pick = np.random.default_rng(split["seed"]).permutation(len(train_idx))[:pool_size(pool)]
+    keep = pool_size(pool)
+    if keep is not None:  # the records finetune.max_train picks
+        pick = np.random.default_rng(split["seed"]).permutation(len(train_idx))[:keep]
         train_idx = sorted(train_idx[i] for i in pick)
     ds = {k: TargetColumns(ShardDataset(shards, idx), cols)
           for k, idx in (("train", train_idx), ("val", split["val"]), ("test", split["test"]))}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,3 +33,12 @@ def mp_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("mp") / "shards"
     preprocess([str(DATASETS / "mp" / "cifs.tar.gz")], out, load_config(None, ["preprocess.shard_size=128"]), workers=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def mp_records(mp_shards: Path) -> list[dict[str, Any]]:
+    """The first 24 real Materials Project records (made again for each test module that asks)."""
+    from pipeline.shards import ShardDataset
+
+    ds = ShardDataset(mp_shards)
+    return [ds[i] for i in range(24)]

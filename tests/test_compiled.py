@@ -1,5 +1,5 @@
-"""``train.compile``: compiled PaiNN blocks against the plain ones on real MP crystals, the saved
-weights of a compiled run, and the refusals (no C++ compiler; curvature weighting)."""
+"""``train.compile``: compiled PaiNN blocks against the plain ones on real MP crystals (outputs,
+gradients, parameter names), and the refusals (no C++ compiler; curvature weighting)."""
 from __future__ import annotations
 
 import copy
@@ -14,17 +14,9 @@ from pipeline import compiled
 from pipeline.config import PaiNNConfig
 from pipeline.graphs import collate
 from pipeline.models import PaiNN
-from pipeline.shards import ShardDataset
 
 needs_compiler = pytest.mark.skipif(compiled.compiler_available() is None,
                                     reason="no C++ compiler for torch.compile's CPU code")
-
-
-@pytest.fixture(scope="module")
-def mp_records(mp_shards: Path) -> list[dict[str, Any]]:
-    """The first 20 real Materials Project records."""
-    ds = ShardDataset(mp_shards)
-    return [ds[i] for i in range(20)]
 
 
 def _outputs_and_grads(net: PaiNN, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -44,7 +36,7 @@ def test_compiled_painn_matches_plain_on_batches_of_other_sizes(mp_records: list
     fast = copy.deepcopy(plain)
     assert compiled.compile_blocks(fast) == 4  # two message and two update blocks
     assert list(fast.state_dict()) == list(plain.state_dict())
-    for batch in (collate(mp_records[:12]), collate(mp_records[12:])):
+    for batch in (collate(mp_records[:12]), collate(mp_records[12:20])):
         out_p, grads_p = _outputs_and_grads(plain, batch)
         out_c, grads_c = _outputs_and_grads(fast, batch)
         torch.testing.assert_close(out_c, out_p, rtol=1e-5, atol=1e-6)

@@ -46,13 +46,6 @@ def qm9_records(qm9_shards: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def mp_records(mp_shards: Path) -> list[dict[str, Any]]:
-    """The first 24 real Materials Project records."""
-    ds = ShardDataset(mp_shards)
-    return [ds[i] for i in range(24)]
-
-
-@pytest.fixture(scope="module")
 def mp_structures(datasets_dir: Path) -> list[Any]:
     """A few real MP crystals as pymatgen Structures, read from the shipped CIF archive."""
     from pymatgen.core import Structure
