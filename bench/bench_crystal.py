@@ -131,6 +131,14 @@ for _h in (96, 128):
         "train.compile=true"]
 #: The crystal default's three blocks, 96 wide, compiled (about the steps of the uncompiled two-block 96).
 MODELS["painn_l1_bn_elem_softmax_h96_comp"] = MODELS["painn_l1_bn_elem_softmax_h96"] + ["train.compile=true"]
+#: The compiled two-block 96 trained on MP's Fermi energy besides the two scored targets, as an
+#: auxiliary target (a label of the same DFT runs; with the band gap it places the band edges).
+MODELS["painn_l1_bn_elem_softmax_int2_h96_comp_ef"] = MODELS["painn_l1_bn_elem_softmax_int2_h96_comp"] + [
+    "finetune.targets=[band_gap_eV,formation_energy_per_atom_eV,efermi_eV]"]
+#: The same without the metal/non-metal gate (``finetune.gated_targets=[]``): one L1 regressor of the
+#: band gap, whose optimum is the conditional median and so near zero for likely metals anyway.
+MODELS["painn_l1_bn_elem_softmax_int2_h96_comp_nogate"] = MODELS["painn_l1_bn_elem_softmax_int2_h96_comp"] + [
+    "finetune.gated_targets=[]"]
 #: ``painn_l1`` again with the faster PaiNN of d1422e6 (same outputs, ~1.2x the steps in the budget):
 #: the control that separates the optimisation settings above from the speed-up.
 MODELS["painn_l1_d1422e6"] = MODELS["painn_l1"]
