@@ -138,7 +138,8 @@ MODELS["painn_l1_bn_elem_softmax_int2_h96_comp_ef"] = MODELS["painn_l1_bn_elem_s
 #: The same with the Fermi energy's loss weighted twice the scored targets'.
 MODELS["painn_l1_bn_elem_softmax_int2_h96_comp_ef_w2"] = MODELS["painn_l1_bn_elem_softmax_int2_h96_comp_ef"] + [
     "finetune.loss_weights={efermi_eV: 2.0}"]
-#: The same without the metal/non-metal gate (``finetune.gated_targets=[]``): one L1 regressor of the
+#: The compiled two-block 96 (``_comp``, two targets) without the metal/non-metal gate
+#: (``finetune.gated_targets=[]``): one L1 regressor of the
 #: band gap, whose optimum is the conditional median and so near zero for likely metals anyway.
 MODELS["painn_l1_bn_elem_softmax_int2_h96_comp_nogate"] = MODELS["painn_l1_bn_elem_softmax_int2_h96_comp"] + [
     "finetune.gated_targets=[]"]
